@@ -1,0 +1,67 @@
+"""Compose ``conf/`` into ``params.yaml``, the file every DVC stage reads.
+
+``python -m transferlab.compose [overrides...]`` writes it;
+``--check`` exits non-zero when the file differs from the composition.
+DVC does the same composition itself on ``dvc exp run -S key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from transferlab.config.validate import ConfigError, load_config
+
+HEADER = "# Composed from conf/ by `python -m transferlab.compose`; edit conf/, not this file.\n"
+
+
+def compose(overrides: list[str] | None = None, *, config_dir: str | Path = "conf",
+            config_name: str = "config") -> dict:
+    """The composed config as plain data (as DVC writes it)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    config_dir = Path(config_dir).resolve()
+    if not (config_dir / f"{config_name}.yaml").is_file():
+        raise ConfigError(f"no {config_name}.yaml in {config_dir}: run from the project root")
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def render(params: dict) -> str:
+    return yaml.safe_dump(params, sort_keys=False, default_flow_style=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. backbone=resnet18")
+    parser.add_argument("--output", default="params.yaml")
+    parser.add_argument("--check", action="store_true", help="fail if the output differs from the composition")
+    args = parser.parse_args(argv)
+    try:
+        params = compose(args.overrides)
+        load_config(params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    if args.check:
+        current = yaml.safe_load(out.read_text()) if out.is_file() else None
+        if current != params:
+            print(f"{out} differs from the composition of conf/: run `python -m transferlab.compose`",
+                  file=sys.stderr)
+            return 1
+        print(f"{out} matches conf/")
+        return 0
+    out.write_text(HEADER + render(params))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Typed schema of an experiment.
+
+`conf/` holds plain YAML so that both Hydra (``python -m transferlab``) and
+DVC's Hydra composition (``dvc exp run -S``) can compose it without importing
+this package. Every entry point then passes the composed config through
+:func:`transferlab.config.validate.load_config`, which merges it into these
+dataclasses (wrong types and unknown keys fail there) and checks ranges and
+names before any tensor exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | imagefolder
+    root: str = "data/raw"  # where torchvision datasets are (or get downloaded)
+    path: Optional[str] = None  # imagefolder: one subfolder per class
+    image_size: Optional[int] = None  # resize once at prepare time (imagefolder needs it)
+    channels: Optional[int] = None  # 1 or 3; null keeps the source's
+    classes: Optional[List[str]] = None  # names (or indices) of the target classes; null = all
+    positive_class: Optional[str] = None  # one-vs-rest: this class against all others
+    max_per_class: Optional[int] = None  # cap the labelled images per class (low-data fine-tuning)
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    download: bool = True
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "small_cnn"
+    # null | source | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...)
+    # | a local .safetensors / .pt file | runs:/<id>/<path> | models:/<name>/<version>
+    weights: Optional[str] = None
+    input_size: int = 8  # side of the square image the backbone sees (resized on the device)
+    channels: int = 1  # channels the backbone expects; grayscale data is repeated to 3
+    width: int = 32  # small_cnn: channels of the first block (doubles per block)
+    depth: int = 3  # small_cnn: number of conv blocks
+    hidden: List[int] = field(default_factory=list)  # mlp backbone: hidden layer sizes
+    activation: str = "relu"  # mlp backbone
+
+
+@dataclass
+class HeadConfig:
+    name: str = "linear"  # linear | mlp | binary | overcomplete
+    hidden: List[int] = field(default_factory=list)  # hidden layers before the output layer
+    activations: List[str] = field(default_factory=lambda: ["relu"])  # one, or one per hidden layer
+    num_units: Optional[int] = None  # overcomplete: output units in all (>= classes)
+    pooling: str = "logsumexp"  # overcomplete: logsumexp | max | mean
+    init: str = "default"  # default (PyTorch's) | normal (N(0, 0.05), zero bias: Keras' RandomNormal)
+
+
+@dataclass
+class DropoutConfig:
+    input: float = 0.0  # on the pixels the backbone sees
+    features: float = 0.0  # on the backbone's flattened features
+    hidden: float = 0.0  # after each hidden layer of the head
+    per_layer: Optional[List[float]] = None  # overrides `hidden`, one value per hidden layer
+
+
+@dataclass
+class MaxNormConfig:
+    enabled: bool = False
+    value: float = 5.0
+    layers: List[str] = field(default_factory=lambda: ["head.*"])  # module name patterns
+
+
+@dataclass
+class FreezeConfig:
+    first_n: int = 0  # freeze the first N backbone layers (see README: "What is a layer")
+    patterns: List[str] = field(default_factory=list)  # parameter name patterns, e.g. backbone.layer1.*
+    backbone: bool = False  # freeze the whole backbone
+    method: str = "requires_grad"  # requires_grad | zero_lr
+    head_only_epochs: int = 0  # train the head alone first, then the configured freezing applies
+
+
+@dataclass
+class RegularisationConfig:
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    max_norm: MaxNormConfig = field(default_factory=MaxNormConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adam | adamw | adadelta
+    lr: float = 0.05  # head learning rate
+    backbone_lr_mult: float = 1.0  # backbone lr = lr * this (small for pretrained weights)
+    weight_decay: float = 0.0  # never applied to biases and norm weights
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    rho: float = 0.9  # adadelta
+    eps: float = 1e-8
+
+
+@dataclass
+class MomentumScheduleConfig:
+    enabled: bool = False
+    start: float = 0.5
+    end: float = 0.99  # reached at the last epoch, linearly
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "none"  # none | step | exponential | cosine | onecycle | plateau
+    step_size: int = 5  # step
+    gamma: float = 0.5  # step, exponential
+    min_lr_mult: float = 0.0  # cosine: final lr = lr * this
+    pct_start: float = 0.3  # onecycle
+    factor: float = 0.5  # plateau
+    patience: int = 2  # plateau
+    momentum: MomentumScheduleConfig = field(default_factory=MomentumScheduleConfig)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 1024
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    monitor: str = "val_acc"  # val_acc | val_loss: picks the best checkpoint
+    aux_loss_weight: float = 0.4  # inception_v3 auxiliary logits
+    amp: bool = False  # bf16 autocast on CUDA
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    progress: bool = True
+    num_threads: Optional[int] = None  # CPU threads; null = torch's default
+
+
+@dataclass
+class PretrainConfig:
+    classes: Optional[List[str]] = None  # source-task classes (same data source)
+    max_per_class: Optional[int] = None
+    epochs: int = 5
+    lr: float = 0.05
+    batch_size: int = 64
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "transferlab"
+    run_name: Optional[str] = None
+    log_model: bool = True
+    log_graph: bool = True
+
+
+@dataclass
+class PathsConfig:
+    prepared: str = "data/prepared"  # prepare writes target/ and source/ here
+    weights: str = "weights/backbone.safetensors"  # pretrain writes the initial backbone here
+    model: str = "models"  # finetune writes best.pt, history and the run id here
+    metrics: str = "metrics"
+    plots: str = "plots"
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    regularisation: RegularisationConfig = field(default_factory=RegularisationConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)

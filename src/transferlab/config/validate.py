@@ -1,0 +1,216 @@
+"""Turn a composed config into a checked :class:`ExperimentConfig`.
+
+Errors name the key's full path and what is allowed, and are raised before
+any data is read or any tensor is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from transferlab.config.schema import ExperimentConfig
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; the message names the key and what is allowed."""
+
+
+def load_config(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
+    """Merge ``cfg`` into the schema, then check ranges and names."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(dict(cfg))
+    schema = OmegaConf.structured(ExperimentConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        typed: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except ConfigKeyError as err:
+        raise ConfigError(_unknown_key_message(err)) from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{key}: {reason}") from None
+    validate(typed)
+    return typed
+
+
+def _unknown_key_message(err: ConfigKeyError) -> str:
+    full_key = getattr(err, "full_key", None) or str(err)
+    parent_path, _, key = full_key.rpartition(".")
+    node: Any = ExperimentConfig
+    for part in filter(None, parent_path.split(".")):
+        node = {f.name: f for f in fields(node)}[part].default_factory  # type: ignore[misc]
+    allowed = sorted(f.name for f in fields(node)) if is_dataclass(node) else []
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    maybe = f" Did you mean '{hint[0]}'?" if hint else ""
+    return f"Unknown key '{full_key}'.{maybe} Allowed keys under '{parent_path or '<root>'}': {allowed}"
+
+
+def check_override_keys(overrides: Iterable[str], groups: Iterable[str]) -> None:
+    """Reject ``key=value`` command-line overrides whose key is not in the schema.
+
+    Hydra itself would refuse them too, but without listing what is allowed.
+    Group choices (``backbone=resnet18``), ``+``/``~`` edits and ``hydra.*``
+    are left to Hydra.
+    """
+    groups = set(groups)
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or key[:1] in "+~" or key.startswith("hydra.") or key in groups:
+            continue
+        node: Any = ExperimentConfig
+        path: list[str] = []
+        for part in key.split("."):
+            names = {f.name: f for f in fields(node)}
+            if part not in names:
+                hint = difflib.get_close_matches(part, list(names), n=1)
+                maybe = f" Did you mean '{'.'.join([*path, hint[0]])}'?" if hint else ""
+                where = ".".join(path) or "<root>"
+                raise ConfigError(
+                    f"Unknown key '{key}'.{maybe} Allowed keys under '{where}': {sorted(names)}"
+                )
+            path.append(part)
+            factory = names[part].default_factory  # type: ignore[misc]
+            node = factory if is_dataclass(factory) else None
+            if node is None:
+                break
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _probability(value: float, key: str) -> None:
+    _check(0.0 <= value < 1.0, key, f"must be a probability in [0, 1), got {value}")
+
+
+def _one_of(value: str, allowed: Iterable[str], key: str, what: str) -> None:
+    allowed = list(allowed)
+    _check(value in allowed, key, f"Unknown {what} '{value}'; expected one of {allowed}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range and name checks that a type system cannot express."""
+    # Imported here: they pull in torch, which schema-only users do not need.
+    from transferlab.data import list_sources
+    from transferlab.models.backbones import list_backbones
+    from transferlab.models.heads import POOLINGS, list_heads
+    from transferlab.models.activations import list_activations
+    from transferlab.training.optim import list_optimizers, list_schedulers
+    from transferlab.models.weights import check_weights_spec
+
+    d = cfg.data
+    _one_of(d.source, list_sources(), "data.source", "data source")
+    if d.source == "imagefolder":
+        _check(bool(d.path), "data.path", "imagefolder needs data.path: a folder with one subfolder per class")
+        _check(d.image_size is not None, "data.image_size", "imagefolder needs an image size, e.g. 64")
+    if d.image_size is not None:
+        _check(d.image_size >= 4, "data.image_size", f"must be >= 4, got {d.image_size}")
+    if d.channels is not None:
+        _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3 (or null), got {d.channels}")
+    if d.max_per_class is not None:
+        _check(d.max_per_class >= 3, "data.max_per_class", f"must be >= 3 (one per split), got {d.max_per_class}")
+    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
+    _check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction",
+           "data.val_fraction + data.test_fraction must leave images to train on (< 1)")
+    if d.classes is not None:
+        _check(len(d.classes) >= 2, "data.classes", f"needs at least 2 classes, got {list(d.classes)}")
+
+    b = cfg.backbone
+    _one_of(b.name, list_backbones(), "backbone.name", "backbone")
+    _check(b.input_size >= 4, "backbone.input_size", f"must be >= 4, got {b.input_size}")
+    _check(b.channels in (1, 3), "backbone.channels", f"must be 1 or 3, got {b.channels}")
+    _check(b.width >= 1, "backbone.width", f"must be >= 1, got {b.width}")
+    _check(b.depth >= 1, "backbone.depth", f"must be >= 1, got {b.depth}")
+    _check(all(h >= 1 for h in b.hidden), "backbone.hidden", f"sizes must be >= 1, got {list(b.hidden)}")
+    _one_of(b.activation, list_activations(), "backbone.activation", "activation")
+    check_weights_spec(b.name, b.weights, key="backbone.weights")
+    if b.weights == "source":
+        _check(cfg.pretrain.classes is not None and len(cfg.pretrain.classes) >= 2, "pretrain.classes",
+               "backbone.weights=source trains on a source task: list at least 2 source classes")
+
+    h = cfg.head
+    _one_of(h.name, list_heads(), "head.name", "head")
+    _check(all(n >= 1 for n in h.hidden), "head.hidden", f"sizes must be >= 1, got {list(h.hidden)}")
+    _check(h.name != "linear" or not h.hidden, "head.hidden",
+           "the linear head has no hidden layers; use head=mlp for hidden layers")
+    _check(len(h.activations) in (1, len(h.hidden)) or not h.hidden, "head.activations",
+           f"give one activation or one per hidden layer ({len(h.hidden)}), got {list(h.activations)}")
+    for act in h.activations:
+        _one_of(act, list_activations(), "head.activations", "activation")
+    _one_of(h.pooling, POOLINGS, "head.pooling", "pooling")
+    _one_of(h.init, ["default", "normal"], "head.init", "init")
+    if h.num_units is not None:
+        _check(h.name == "overcomplete", "head.num_units", "only the overcomplete head takes num_units")
+        _check(h.num_units >= 1, "head.num_units", f"must be >= 1, got {h.num_units}")
+
+    r = cfg.regularisation
+    for name in ("input", "features", "hidden"):
+        _probability(getattr(r.dropout, name), f"regularisation.dropout.{name}")
+    if r.dropout.per_layer is not None:
+        for i, p in enumerate(r.dropout.per_layer):
+            _probability(p, f"regularisation.dropout.per_layer[{i}]")
+        _check(len(r.dropout.per_layer) == len(h.hidden), "regularisation.dropout.per_layer",
+               f"needs one value per head hidden layer ({len(h.hidden)}), got {len(r.dropout.per_layer)}")
+    _check(r.max_norm.value > 0, "regularisation.max_norm.value", f"must be > 0, got {r.max_norm.value}")
+    _check(r.freeze.first_n >= 0, "regularisation.freeze.first_n", f"must be >= 0, got {r.freeze.first_n}")
+    _one_of(r.freeze.method, ["requires_grad", "zero_lr"], "regularisation.freeze.method", "freeze method")
+    _check(r.freeze.head_only_epochs >= 0, "regularisation.freeze.head_only_epochs",
+           f"must be >= 0, got {r.freeze.head_only_epochs}")
+    _check(r.freeze.head_only_epochs < cfg.trainer.epochs, "regularisation.freeze.head_only_epochs",
+           f"must be < trainer.epochs ({cfg.trainer.epochs}), got {r.freeze.head_only_epochs}")
+    _check(0.0 <= r.label_smoothing < 1.0, "regularisation.label_smoothing",
+           f"must be in [0, 1), got {r.label_smoothing}")
+
+    o = cfg.optimizer
+    _one_of(o.name, list_optimizers(), "optimizer.name", "optimizer")
+    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _check(o.backbone_lr_mult >= 0, "optimizer.backbone_lr_mult", f"must be >= 0, got {o.backbone_lr_mult}")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(not o.nesterov or o.momentum > 0, "optimizer.nesterov", "Nesterov needs optimizer.momentum > 0")
+    _check(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), "optimizer.betas",
+           f"must be two values in [0, 1), got {list(o.betas)}")
+    _check(0 <= o.rho < 1, "optimizer.rho", f"must be in [0, 1), got {o.rho}")
+    _check(o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps}")
+
+    s = cfg.scheduler
+    _one_of(s.name, list_schedulers(), "scheduler.name", "scheduler")
+    _check(s.step_size >= 1, "scheduler.step_size", f"must be >= 1, got {s.step_size}")
+    _check(0 < s.gamma <= 1, "scheduler.gamma", f"must be in (0, 1], got {s.gamma}")
+    _check(0 <= s.min_lr_mult <= 1, "scheduler.min_lr_mult", f"must be in [0, 1], got {s.min_lr_mult}")
+    _check(0 < s.pct_start < 1, "scheduler.pct_start", f"must be in (0, 1), got {s.pct_start}")
+    _check(0 < s.factor < 1, "scheduler.factor", f"must be in (0, 1), got {s.factor}")
+    _check(s.patience >= 0, "scheduler.patience", f"must be >= 0, got {s.patience}")
+    for name in ("start", "end"):
+        value = getattr(s.momentum, name)
+        _check(0 <= value < 1, f"scheduler.momentum.{name}", f"must be in [0, 1), got {value}")
+    if s.momentum.enabled:
+        _check(o.name in ("sgd", "adam", "adamw"), "scheduler.momentum.enabled",
+               f"a momentum schedule needs sgd, adam or adamw, not {o.name}")
+
+    t = cfg.trainer
+    _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "trainer.device",
+           f"must be auto, cpu, cuda or cuda:N, got '{t.device}'")
+    _one_of(t.monitor, ["val_acc", "val_loss"], "trainer.monitor", "monitor")
+    _check(t.aux_loss_weight >= 0, "trainer.aux_loss_weight", f"must be >= 0, got {t.aux_loss_weight}")
+    if t.num_threads is not None:
+        _check(t.num_threads >= 1, "trainer.num_threads", f"must be >= 1, got {t.num_threads}")
+
+    p = cfg.pretrain
+    _check(p.epochs >= 1, "pretrain.epochs", f"must be >= 1, got {p.epochs}")
+    _check(p.lr > 0, "pretrain.lr", f"must be > 0, got {p.lr}")
+    _check(p.batch_size >= 1, "pretrain.batch_size", f"must be >= 1, got {p.batch_size}")
+
+    _check(bool(cfg.tracking.uri), "tracking.uri", "must be a tracking URI such as sqlite:///mlflow.db")
+    _check(bool(cfg.tracking.experiment), "tracking.experiment", "must be a non-empty name")

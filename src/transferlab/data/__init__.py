@@ -1,0 +1,32 @@
+"""Data: raw sources by name, seeded class selection and splits, prepared split files."""
+
+from .prepared import PreparedData, Split, data_hash, load_prepared, prepare_dataset, save_prepared
+from .sources import (
+    SOURCES,
+    DataError,
+    RawDataset,
+    list_sources,
+    load_source,
+    read_image_folder,
+    register_source,
+)
+from .split import cap_per_class, select_classes, stratified_split
+
+__all__ = [
+    "DataError",
+    "PreparedData",
+    "RawDataset",
+    "SOURCES",
+    "Split",
+    "cap_per_class",
+    "data_hash",
+    "list_sources",
+    "load_prepared",
+    "load_source",
+    "prepare_dataset",
+    "read_image_folder",
+    "register_source",
+    "save_prepared",
+    "select_classes",
+    "stratified_split",
+]

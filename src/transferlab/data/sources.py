@@ -1,0 +1,359 @@
+"""Raw image sources, chosen by name: each loader returns every labelled image it has.
+
+Splitting, class selection and capping happen later (``split.py``, ``prepared.py``);
+a source only turns files into one uint8 ``[N, C, H, W]`` array and int64 labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+__all__ = [
+    "DataError",
+    "IMAGE_EXTENSIONS",
+    "RawDataset",
+    "SOURCES",
+    "list_sources",
+    "load_source",
+    "read_image_folder",
+    "register_source",
+]
+
+
+class DataError(ValueError):
+    """Bad data or data that cannot be had; the message says what and where."""
+
+
+@dataclass
+class RawDataset:
+    images: np.ndarray  # uint8, [N, C, H, W], C in {1, 3}
+    labels: np.ndarray  # int64, [N], values index class_names
+    class_names: list[str]
+    source: str | None = None  # registry name, filled in by load_source (for meta)
+
+    def __post_init__(self) -> None:
+        images, labels = self.images, np.asarray(self.labels)
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(
+                "RawDataset.images must be a uint8 numpy array [N, C, H, W]; got "
+                f"{type(images).__name__} dtype={getattr(images, 'dtype', None)} "
+                f"shape={getattr(images, 'shape', None)}"
+            )
+        if images.shape[1] not in (1, 3):
+            raise DataError(f"RawDataset.images has {images.shape[1]} channels; expected 1 or 3")
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise DataError(
+                f"RawDataset.labels must have shape [{images.shape[0]}]; got {labels.shape}"
+            )
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"RawDataset.labels must be integers; got dtype {labels.dtype}")
+        self.labels = labels.astype(np.int64, copy=False)
+        self.class_names = [str(name) for name in self.class_names]
+        if self.labels.size and (
+            self.labels.min() < 0 or self.labels.max() >= len(self.class_names)
+        ):
+            raise DataError(
+                f"RawDataset.labels range {self.labels.min()}..{self.labels.max()} does not "
+                f"index the {len(self.class_names)} class names {self.class_names}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+# Every loader gets the same keyword arguments so load_source can stay generic;
+# loaders may ignore the ones that do not concern them.
+SourceLoader = Callable[..., RawDataset]
+SOURCES: dict[str, SourceLoader] = {}
+
+
+def register_source(name: str) -> Callable[[SourceLoader], SourceLoader]:
+    def decorator(fn: SourceLoader) -> SourceLoader:
+        if name in SOURCES:
+            raise ValueError(f"Source '{name}' is already registered")
+        SOURCES[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_sources() -> list[str]:
+    return sorted(SOURCES)
+
+
+def load_source(
+    name: str,
+    *,
+    root: str | Path,
+    path: str | Path | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    download: bool = True,
+) -> RawDataset:
+    """Load every labelled image of source ``name``, optionally resized/recoloured.
+
+    ``root`` is where downloadable datasets live; ``path`` is the folder for
+    ``imagefolder``. ``image_size`` gives square ``image_size x image_size``
+    images; ``channels`` (1 or 3) converts grey <-> RGB.
+    """
+    if name not in SOURCES:
+        raise DataError(f"Unknown data source '{name}'; expected one of {list_sources()}")
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
+        raise DataError(f"image_size must be a positive integer or None; got {image_size!r}")
+    if channels is not None and channels not in (1, 3):
+        raise DataError(f"channels must be 1, 3 or None; got {channels!r}")
+    raw = SOURCES[name](
+        root=Path(root),
+        path=None if path is None else Path(path),
+        image_size=image_size,
+        channels=channels,
+        download=download,
+    )
+    images = raw.images
+    if channels is not None and images.shape[1] != channels:
+        images = convert_channels(images, channels)
+    if image_size is not None and images.shape[2:] != (image_size, image_size):
+        images = resize_images(images, image_size)
+    return RawDataset(images=images, labels=raw.labels, class_names=raw.class_names, source=name)
+
+
+# --------------------------------------------------------------------------- conversions
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_CHUNK = 2048  # images per chunk: bounds the float copies of big datasets
+
+
+def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 NCHW 1 <-> 3 channels: grey is repeated, RGB goes through ITU-R 601 luma."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return np.repeat(images, 3, axis=1)
+    if have == 3 and channels == 1:
+        out = np.empty((images.shape[0], 1, *images.shape[2:]), dtype=np.uint8)
+        for start in range(0, images.shape[0], _CHUNK):
+            chunk = images[start : start + _CHUNK].astype(np.float32)
+            grey = np.tensordot(_LUMA, chunk, axes=([0], [1]))  # [n, H, W]
+            out[start : start + _CHUNK, 0] = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return out
+    raise DataError(f"Cannot convert {have} channels to {channels}; only 1 <-> 3 is supported")
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of uint8 NCHW to ``size x size``; antialiased so shrinking doesn't alias."""
+    n, c = images.shape[:2]
+    out = np.empty((n, c, size, size), dtype=np.uint8)
+    for start in range(0, n, _CHUNK):
+        chunk = torch.from_numpy(images[start : start + _CHUNK]).float()
+        resized = F.interpolate(
+            chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        out[start : start + _CHUNK] = resized.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@register_source("digits")
+def _load_digits(**_: object) -> RawDataset:
+    # scikit-learn ships these 1797 8x8 images, so this source works offline and in
+    # well under a second: the default for tests and smoke runs.
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    return RawDataset(
+        images=np.ascontiguousarray(images),
+        labels=bunch.target.astype(np.int64),
+        class_names=[str(name) for name in bunch.target_names],
+    )
+
+
+def _torchvision_hint(cls: type, root: Path) -> str:
+    """Where this torchvision dataset class looks for its files, in words."""
+    from torchvision import datasets
+
+    if issubclass(cls, datasets.CIFAR10):
+        folder = root / cls.base_folder
+        files = [entry[0] for entry in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        return (
+            f"torchvision expects the extracted files {files} in {folder} "
+            f"(unpack {cls.filename} from {cls.url} into {root})"
+        )
+    # MNIST and its look-alikes keep files under <root>/<ClassName>/raw.
+    folder = root / cls.__name__ / "raw"
+    files = [Path(filename).stem for filename, _md5 in cls.resources]
+    return f"torchvision expects the files {files} (or their .gz archives) in {folder}"
+
+
+def _load_torchvision(name: str, cls: type, root: Path, download: bool) -> RawDataset:
+    try:
+        parts = [cls(str(root), train=train, download=download) for train in (True, False)]
+    except Exception as exc:  # offline download, missing or damaged files: all the same fix
+        action = "could not be downloaded" if download else "is not on disk (download=False)"
+        reason = " ".join(str(exc).split())  # torchvision's messages span several lines
+        raise DataError(
+            f"Dataset '{name}' {action} under {root}. {_torchvision_hint(cls, root)}. "
+            "Download the files there, or run once with network access and download=True. "
+            f"(torchvision said: {type(exc).__name__}: {reason})"
+        ) from exc
+    images, labels = [], []
+    for part in parts:
+        data = part.data.numpy() if isinstance(part.data, torch.Tensor) else np.asarray(part.data)
+        # MNIST-style data is [N, H, W]; CIFAR is [N, H, W, C].
+        data = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
+        images.append(np.ascontiguousarray(data, dtype=np.uint8))
+        labels.append(np.asarray(part.targets, dtype=np.int64))
+    return RawDataset(
+        images=np.concatenate(images),
+        labels=np.concatenate(labels),
+        class_names=list(parts[0].classes),
+    )
+
+
+@register_source("mnist")
+def _load_mnist(*, root: Path, download: bool = True, **_: object) -> RawDataset:
+    from torchvision.datasets import MNIST
+
+    return _load_torchvision("mnist", MNIST, root, download)
+
+
+@register_source("fashion_mnist")
+def _load_fashion_mnist(*, root: Path, download: bool = True, **_: object) -> RawDataset:
+    from torchvision.datasets import FashionMNIST
+
+    return _load_torchvision("fashion_mnist", FashionMNIST, root, download)
+
+
+@register_source("cifar10")
+def _load_cifar10(*, root: Path, download: bool = True, **_: object) -> RawDataset:
+    from torchvision.datasets import CIFAR10
+
+    return _load_torchvision("cifar10", CIFAR10, root, download)
+
+
+@register_source("imagefolder")
+def _load_imagefolder(
+    *, path: Path | None, image_size: int | None, channels: int | None, **_: object
+) -> RawDataset:
+    if path is None:
+        raise DataError("Source 'imagefolder' needs path=<folder with one subfolder per class>")
+    if image_size is None:
+        raise DataError(
+            f"Source 'imagefolder' needs image_size: the images in {path} can have any size "
+            "and must be resized to one square size"
+        )
+    return read_image_folder(Path(path), image_size=image_size, channels=channels)
+
+
+# --------------------------------------------------------------------------- image folders
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# PIL modes whose pixels carry one intensity; channels=None picks 1 only if all are these.
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+
+
+def _is_grey(mode: str) -> bool:
+    return mode in _GREY_MODES or mode.startswith("I;16")
+
+
+def _visible(entry: Path) -> bool:
+    return not entry.name.startswith(".")
+
+
+def _scan_image_folder(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    if not path.is_dir():
+        raise DataError(f"Image folder {path} does not exist or is not a directory")
+    class_dirs = sorted(
+        (entry for entry in path.iterdir() if entry.is_dir() and _visible(entry)),
+        key=lambda entry: entry.name,
+    )
+    if len(class_dirs) < 2:
+        raise DataError(
+            f"Image folder {path} has {len(class_dirs)} class subfolder(s) "
+            f"{[d.name for d in class_dirs]}; expected at least 2 (one per class)"
+        )
+    files: list[tuple[Path, int]] = []
+    for label, class_dir in enumerate(class_dirs):
+        found = sorted(
+            entry
+            for entry in class_dir.iterdir()
+            if _visible(entry) and entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not found:
+            raise DataError(
+                f"Class folder {class_dir} holds no images; expected files ending in "
+                f"{sorted(IMAGE_EXTENSIONS)} (any case)"
+            )
+        files.extend((file, label) for file in found)
+    return [d.name for d in class_dirs], files
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    """Scale 16/32-bit and float images to 0..255: PIL's convert('L') would clip them."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257.0  # 0..65535 -> 0..255; 'I' above 255 comes from 16-bit files
+    elif image.mode == "F" and values.max(initial=0) <= 1.0:
+        values = values * 255.0  # float images in [0, 1]
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def _decode(file: Path, size: int, channels: int) -> np.ndarray:
+    """One file -> uint8 [C, size, size]; any decoder failure names the file."""
+    try:
+        with Image.open(file) as image:
+            # JPEG can decode straight at a reduced scale: much faster for big photos.
+            image.draft("RGB" if channels == 3 else "L", (size, size))
+            image.load()  # decode now, so broken files fail here and not mid-conversion
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I") or image.mode == "F":
+                image = _to_8bit_grey(image)
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # PIL warns when P+transparency skips RGBA
+            if image.mode not in ("L", "RGB"):
+                # Through L/RGB first: PIL has no direct path from every mode (HSV, LAB, ...)
+                # to every other one, but all reach these two.
+                image = image.convert("L" if _is_grey(image.mode) else "RGB")
+            image = image.convert("RGB" if channels == 3 else "L")
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... per format
+        raise DataError(f"Cannot read image {file}: {type(exc).__name__}: {exc}") from exc
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _header_mode(file: Path) -> str:
+    try:
+        with Image.open(file) as image:  # reads the header only
+            return image.mode
+    except Exception as exc:
+        raise DataError(f"Cannot read image {file}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_image_folder(path: Path, *, image_size: int, channels: int | None = None) -> RawDataset:
+    """Read ``path/<class>/<image>`` into square ``image_size`` images.
+
+    Class names are the sorted subfolder names; hidden entries and files with other
+    extensions are skipped. ``channels=None`` gives 1 channel when every image is
+    greyscale and 3 otherwise.
+    """
+    class_names, files = _scan_image_folder(path)
+    if channels is None:
+        channels = 1 if all(_is_grey(_header_mode(file)) for file, _ in files) else 3
+    images = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
+    for i, (file, _label) in enumerate(files):
+        images[i] = _decode(file, image_size, channels)
+    labels = np.array([label for _file, label in files], dtype=np.int64)
+    return RawDataset(images=images, labels=labels, class_names=class_names)

@@ -1,0 +1,190 @@
+"""Stage ``evaluate``: test metrics, confusion matrix, and the logged model.
+
+Reopens the MLflow run that ``finetune`` started, adds the test metrics, the
+confusion matrix (picture and DVC plot data) and the model itself
+(``mlflow.pytorch``, with a signature and an input example).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferlab.config.params import read_params
+from transferlab.config.schema import ExperimentConfig
+from transferlab.data import PreparedData, load_prepared
+from transferlab.models.assemble import FineTuneModel, Normalisation, build_model
+from transferlab.stages.finetune import BEST
+from transferlab.training.runtime import configure_threads, resolve_device
+
+
+def load_trained(cfg: ExperimentConfig, data: PreparedData) -> FineTuneModel:
+    """Rebuild the model and load the best checkpoint (normalisation included)."""
+    channels = cfg.backbone.channels
+    model, _ = build_model(cfg, num_classes=data.num_classes, data_channels=data.channels,
+                           normalisation=Normalisation([0.0] * channels, [1.0] * channels))
+    state = torch.load(Path(cfg.paths.model) / BEST, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: FineTuneModel, images: torch.Tensor, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted classes and class probabilities for uint8 ``images``."""
+    device = next(model.parameters()).device
+    preds, probs = [], []
+    for start in range(0, images.shape[0], batch_size):
+        logits = model(images[start:start + batch_size].to(device))
+        preds.append(model.head.predict(logits).cpu())
+        probs.append(model.head.probabilities(logits).cpu())
+    return torch.cat(preds).numpy(), torch.cat(probs).numpy()
+
+
+@torch.no_grad()
+def unit_mass(model: FineTuneModel, images: torch.Tensor, labels: np.ndarray, class_names: list[str], *,
+              batch_size: int) -> dict[str, Any]:
+    """Over-complete head: how each class's probability mass spreads over its units
+    (mean softmax over all units, for the test images of that class)."""
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device)
+        chunks.append(model.head.unit_logits(model.feature_dropout(model.features(x))).softmax(dim=1).cpu())
+    probs = torch.cat(chunks).numpy()
+    out: dict[str, Any] = {}
+    for c, units in enumerate(model.head.groups):
+        rows = probs[labels == c]
+        if len(rows) == 0:
+            continue
+        share = rows[:, units].mean(axis=0)
+        out[class_names[c]] = {"units": units, "mass": [round(float(v), 4) for v in share],
+                               "in_class": round(float(share.sum()), 4)}
+    return out
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                                     zero_division=0)
+    per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                        "support": int(support[i])} for i, name in enumerate(class_names)}
+    return {
+        "test_acc": float((y_true == y_pred).mean()),
+        "test_macro_f1": float(f1.mean()),
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def plot_confusion(matrix: list[list[int]], class_names: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    size = max(4.0, 0.5 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_title(f"Confusion matrix (test, n={int(m.sum())})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run(cfg: ExperimentConfig) -> dict[str, Any]:
+    import mlflow
+
+    from transferlab.tracking.run import open_run, read_run_file
+
+    configure_threads(cfg.trainer.num_threads)
+    device = resolve_device(cfg.trainer.device)
+    data = load_prepared(Path(cfg.paths.prepared) / "target")
+    model = load_trained(cfg, data).to(device)
+    test = data.splits["test"]
+    y_true = test.labels.numpy()
+    y_pred, _ = predict(model, test.images, batch_size=cfg.trainer.eval_batch_size)
+    metrics = classification_metrics(y_true, y_pred, data.class_names)
+    if model.head.overcomplete:
+        metrics["unit_mass"] = unit_mass(model, test.images, y_true, data.class_names,
+                                         batch_size=cfg.trainer.eval_batch_size)
+
+    metrics_dir, plots_dir = Path(cfg.paths.metrics), Path(cfg.paths.plots)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    (metrics_dir / "test.json").write_text(json.dumps(
+        {"test_acc": metrics["test_acc"], "test_macro_f1": metrics["test_macro_f1"],
+         "per_class": metrics["per_class"]}, indent=2))
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    with open(plots_dir / "confusion.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((data.class_names[a], data.class_names[p]) for a, p in zip(y_true, y_pred))
+    image = plot_confusion(metrics["confusion_matrix"], data.class_names, plots_dir / "confusion.png")
+
+    info = read_run_file(cfg.paths.model)
+    with open_run(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_id=info["run_id"]):
+        flat = {"test_acc": metrics["test_acc"], "test_macro_f1": metrics["test_macro_f1"]}
+        for name, row in metrics["per_class"].items():
+            for key in ("precision", "recall", "f1"):
+                flat[f"test_{key}_{name}"] = row[key]
+        mlflow.log_metrics(flat)
+        mlflow.log_dict(metrics, "evaluation/test_metrics.json")
+        mlflow.log_artifact(str(image), artifact_path="evaluation")
+        mlflow.log_artifact(str(plots_dir / "confusion.csv"), artifact_path="evaluation")
+        if cfg.tracking.log_model:
+            log_model(model.cpu(), test.images[:4])
+    print(f"evaluate: test_acc={metrics['test_acc']:.4f} macro_f1={metrics['test_macro_f1']:.4f}")
+    return metrics
+
+
+def log_model(model: FineTuneModel, example: torch.Tensor) -> None:
+    """``mlflow.pytorch`` model with signature and input example.
+
+    Requirements are given, not inferred: inference loads the model in a
+    subprocess and costs many seconds.
+    """
+    import mlflow.pytorch
+    import torchvision
+    from mlflow.models import infer_signature
+
+    model.eval()
+    x = example.numpy()
+    with torch.no_grad():
+        y = model(example).numpy()
+    signature = infer_signature(x, y)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchvision=={torchvision.__version__.split('+')[0]}", "transferlab"]
+    mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x,
+                             pip_requirements=requirements)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    run(read_params(args.params))
+
+
+if __name__ == "__main__":
+    from transferlab.cli import guarded
+
+    guarded(main)

@@ -1,0 +1,1 @@
+"""Run tracking: what each training run records besides its metrics."""

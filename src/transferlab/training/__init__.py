@@ -1,0 +1,1 @@
+"""Freezing, parameter groups, max-norm, optimisers and the training loop."""

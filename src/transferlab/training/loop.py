@@ -1,0 +1,230 @@
+"""The training loop.
+
+Data lives on the device as uint8 tensors for the whole run; batches are
+index slices of it. Losses and hits accumulate on the device and reach the
+host once per epoch, so no step waits for a host-device sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from transferlab.models.heads import Head
+from transferlab.training.freezing import set_backbone_trainable, set_train_mode
+from transferlab.training.maxnorm import apply_max_norm
+from transferlab.training.optim import Schedule
+
+
+@dataclass
+class Batches:
+    images: torch.Tensor  # uint8 [N, C, H, W], on the device
+    labels: torch.Tensor  # int64 [N], on the device
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    eval_batch_size: int = 1024
+    monitor: str = "val_acc"
+    label_smoothing: float = 0.0
+    aux_loss_weight: float = 0.4
+    max_norm: float | None = None
+    max_norm_weights: list[torch.Tensor] = field(default_factory=list)
+    frozen_norms: list[nn.Module] = field(default_factory=list)
+    frozen: frozenset[str] = frozenset()
+    head_only_epochs: int = 0
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    progress: bool = True
+    seed: int = 0
+    checkpoint: Path | None = None  # the best state dict goes here
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_value: float
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _split_output(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, head: Head, data: Batches, *, batch_size: int, amp: bool = False,
+                     channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss and accuracy as 0-d device tensors."""
+    was_training = model.training
+    model.eval()
+    device = data.images.device
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    for start in range(0, len(data), batch_size):
+        x = data.images[start:start + batch_size]
+        y = data.labels[start:start + batch_size]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += head.loss(logits, y) * y.shape[0]
+        hits += (head.predict(logits) == y).sum()
+    model.train(was_training)
+    n = max(len(data), 1)
+    return loss_sum / n, hits.double() / n
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    steps = math.ceil(n / batch_size)
+    if n % batch_size == 1 and steps > 1:
+        steps -= 1  # a last batch of one breaks BatchNorm in training mode
+    return steps
+
+
+def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: torch.optim.Optimizer,
+        schedule: Schedule, settings: TrainSettings, *, on_epoch_end: EpochCallback | None = None,
+        desc: str = "train") -> FitResult:
+    """Train ``model``; return per-epoch metrics and the best epoch.
+
+    The best state dict (by ``settings.monitor``) is written to
+    ``settings.checkpoint`` as soon as it is reached, and loaded back into
+    ``model`` at the end.
+    """
+    s = settings
+    device = train.images.device
+    forward = torch.compile(model) if s.compile else model
+    generator = torch.Generator().manual_seed(s.seed)
+    n = len(train)
+    steps = steps_per_epoch(n, s.batch_size)
+    maximise = s.monitor.endswith("acc")
+    best_value, best_epoch = -math.inf if maximise else math.inf, -1
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = []
+    bar = _progress(total=s.epochs * steps, desc=desc, enabled=s.progress)
+    staged = s.head_only_epochs > 0
+    if staged:
+        set_backbone_trainable(model, False, keep_frozen=s.frozen)
+    try:
+        for epoch in range(s.epochs):
+            if staged and epoch == s.head_only_epochs:
+                set_backbone_trainable(model, True, keep_frozen=s.frozen)
+            set_train_mode(model, s.frozen_norms)
+            if staged and epoch < s.head_only_epochs:
+                # The backbone is not trained yet: keep its BatchNorm stats too.
+                for module in model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+                            not p.requires_grad for p in module.parameters(recurse=False)):
+                        module.eval()
+            order = torch.randperm(n, generator=generator).to(device, non_blocking=True)
+            loss_sum = torch.zeros((), device=device)
+            hits = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            largest_norm = torch.zeros((), device=device)
+            for step in range(steps):
+                idx = order[step * s.batch_size:(step + 1) * s.batch_size]
+                x, y = train.images[idx], train.labels[idx]
+                if s.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, s.amp):
+                    logits, aux = _split_output(forward(x))
+                    logits = logits.float()
+                    loss = head.loss(logits, y, s.label_smoothing)
+                    if aux is not None:
+                        loss = loss + s.aux_loss_weight * head.loss(aux.float(), y, s.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step_batch()
+                if s.max_norm is not None and s.max_norm_weights:
+                    largest_norm = torch.maximum(largest_norm, apply_max_norm(s.max_norm_weights, s.max_norm))
+                loss_sum += loss.detach() * y.shape[0]
+                hits += (head.predict(logits.detach()) == y).sum()
+                seen += y.shape[0]
+                bar.update(1)
+            val_loss, val_acc = evaluate_batches(model, head, val, batch_size=s.eval_batch_size, amp=s.amp,
+                                                 channels_last=s.channels_last)
+            metrics = {
+                "train_loss": (loss_sum / seen).item(),
+                "train_acc": (hits.double() / seen).item(),
+                "val_loss": val_loss.item(),
+                "val_acc": val_acc.item(),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            head_lrs = [g["lr"] for g in optimizer.param_groups if str(g.get("name", "")).startswith("head")]
+            backbone_lrs = [g["lr"] for g in optimizer.param_groups if str(g.get("name", "")).startswith("backbone")]
+            if head_lrs:
+                metrics["lr_head"] = head_lrs[0]
+            if backbone_lrs:
+                metrics["lr_backbone"] = backbone_lrs[0]
+            momentum = schedule.momentum()
+            if momentum is not None:
+                metrics["momentum"] = momentum
+            if s.max_norm is not None and s.max_norm_weights:
+                metrics["max_unit_norm"] = largest_norm.item()
+            if not all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss")):
+                raise FloatingPointError(f"loss became {metrics['train_loss']} in epoch {epoch + 1}; lower the "
+                                         "learning rate or enable max-norm")
+            value = metrics[s.monitor]
+            if (value > best_value) if maximise else (value < best_value):
+                best_value, best_epoch = value, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if s.checkpoint is not None:
+                    save_atomic(best_state, s.checkpoint)
+            metrics["best_" + s.monitor] = best_value
+            history.append(metrics)
+            bar.set_postfix(epoch=epoch + 1, train_loss=f"{metrics['train_loss']:.3f}",
+                            val_acc=f"{metrics['val_acc']:.3f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics)
+            schedule.step_epoch(epoch, metrics["val_loss"])
+    finally:
+        bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitResult(history, best_epoch, best_value)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kw: object) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(*, total: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
