@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config.schema import ExperimentConfig
 from transferlab.config.validate import ConfigError, load_config
@@ -15,7 +16,13 @@ def read_params(path: str | Path = "params.yaml") -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root, or compose it with "
                           "`python -m transferlab.compose`")
-    return load_config(OmegaConf.load(path))
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}")
+    return load_config(raw)
 
 
 def to_container(cfg: ExperimentConfig) -> dict:

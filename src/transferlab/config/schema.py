@@ -55,9 +55,9 @@ class HeadConfig:
 
 @dataclass
 class DropoutConfig:
-    input: float = 0.0  # on the pixels the backbone sees
+    input: float = 0.2  # on the pixels the backbone sees (the note: 20% on inputs)
     features: float = 0.0  # on the backbone's flattened features
-    hidden: float = 0.0  # after each hidden layer of the head
+    hidden: float = 0.5  # after each hidden layer of the head (the note: 50%)
     per_layer: Optional[List[float]] = None  # overrides `hidden`, one value per hidden layer
 
 
@@ -157,6 +157,7 @@ class PathsConfig:
     model: str = "models"  # finetune writes best.pt, history and the run id here
     metrics: str = "metrics"
     plots: str = "plots"
+    cache: str = "outputs/cache"  # python -m transferlab: prepared data shared by runs and sweep jobs
 
 
 @dataclass

@@ -61,7 +61,7 @@ def check_override_keys(overrides: Iterable[str], groups: Iterable[str]) -> None
     groups = set(groups)
     for override in overrides:
         key, sep, _ = override.partition("=")
-        if not sep or key[:1] in "+~" or key.startswith("hydra.") or key in groups:
+        if not sep or key[:1] in "+~" or key.startswith(("hydra.", "hydra/")) or key in groups:
             continue
         node: Any = ExperimentConfig
         path: list[str] = []
@@ -140,7 +140,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _one_of(h.name, list_heads(), "head.name", "head")
     _check(all(n >= 1 for n in h.hidden), "head.hidden", f"sizes must be >= 1, got {list(h.hidden)}")
     _check(h.name != "linear" or not h.hidden, "head.hidden",
-           "the linear head has no hidden layers; use head=mlp for hidden layers")
+           f"the linear head has no hidden layers, got {list(h.hidden)}; pass head.hidden=[] "
+           "or use head=mlp for hidden layers")
+    if h.name == "binary" and d.positive_class is None and d.source != "imagefolder":
+        _check(d.classes is not None and len(d.classes) == 2, "head.name",
+               "the binary head needs a 2-class task: set data.positive_class (one class against the rest) "
+               f"or exactly two data.classes (got {list(d.classes) if d.classes else 'all classes'})")
     _check(len(h.activations) in (1, len(h.hidden)) or not h.hidden, "head.activations",
            f"give one activation or one per hidden layer ({len(h.hidden)}), got {list(h.activations)}")
     for act in h.activations:
@@ -164,8 +169,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _one_of(r.freeze.method, ["requires_grad", "zero_lr"], "regularisation.freeze.method", "freeze method")
     _check(r.freeze.head_only_epochs >= 0, "regularisation.freeze.head_only_epochs",
            f"must be >= 0, got {r.freeze.head_only_epochs}")
-    _check(r.freeze.head_only_epochs < cfg.trainer.epochs, "regularisation.freeze.head_only_epochs",
-           f"must be < trainer.epochs ({cfg.trainer.epochs}), got {r.freeze.head_only_epochs}")
     _check(0.0 <= r.label_smoothing < 1.0, "regularisation.label_smoothing",
            f"must be in [0, 1), got {r.label_smoothing}")
 
@@ -198,6 +201,8 @@ def validate(cfg: ExperimentConfig) -> None:
 
     t = cfg.trainer
     _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
+    _check(r.freeze.head_only_epochs < t.epochs, "regularisation.freeze.head_only_epochs",
+           f"must be < trainer.epochs ({t.epochs}), got {r.freeze.head_only_epochs}")
     _check(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "trainer.device",

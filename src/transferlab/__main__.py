@@ -1,0 +1,89 @@
+"""``python -m transferlab [overrides]``: run one experiment; ``-m`` sweeps.
+
+Examples::
+
+    python -m transferlab backbone=resnet18 regularisation.dropout.hidden=0.3
+    python -m transferlab -m regularisation.dropout.hidden=0.1,0.3,0.5 backbone=small_cnn,resnet18
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CONF_DIR = Path("conf")
+
+
+def _groups(conf_dir: Path) -> list[str]:
+    return sorted(p.name for p in conf_dir.iterdir() if p.is_dir())
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from transferlab.cli import guarded
+    from transferlab.config.validate import check_override_keys
+
+    conf_dir = CONF_DIR.resolve()
+    if not (conf_dir / "config.yaml").is_file():
+        print(f"error: no conf/config.yaml under {Path.cwd()}: run from the project root", file=sys.stderr)
+        raise SystemExit(2)
+    overrides = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a]
+    guarded(lambda: check_override_keys(overrides, _groups(conf_dir)))
+    if all(not a.startswith("-") for a in sys.argv[1:]):
+        # A single run: validate before Hydra creates its run folder, so a bad value leaves nothing behind.
+        guarded(lambda: _validate_composition(overrides, conf_dir))
+
+    @hydra.main(version_base="1.3", config_path=str(conf_dir), config_name="config")
+    def app(cfg: DictConfig) -> float:
+        return guarded_experiment(cfg)
+
+    app()
+
+
+def _validate_composition(overrides: list[str], conf_dir: Path) -> None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from transferlab.compose import compose
+    from transferlab.config.validate import load_config
+
+    try:
+        params = compose(overrides, config_dir=conf_dir)
+    except (HydraException, OmegaConfBaseException):
+        return  # Hydra reports its own composition errors (with the available options) next
+    load_config(params)
+
+
+def guarded_experiment(cfg: "DictConfig") -> float:  # noqa: F821
+    from transferlab.cli import guarded
+
+    result: dict = {}
+    guarded(lambda: result.update(experiment(cfg)))
+    return float(result["test_acc"])
+
+
+def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
+    """One job: validate, then run the pipeline under Hydra's output folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from transferlab.config.validate import load_config
+    from transferlab.pipeline import run_pipeline, with_output_dir
+
+    exp = load_config(cfg)
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    tags = {"launcher": "hydra", "overrides": " ".join(hc.overrides.task) or "(none)"}
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = Path(hc.sweep.dir).name
+        tags.update({"sweep": sweep, "sweep_dir": str(hc.sweep.dir), "sweep_job": str(hc.job.num)})
+        if exp.tracking.run_name is None:
+            exp.tracking.run_name = f"sweep-{sweep}-{hc.job.num}"
+    exp = with_output_dir(exp, out)
+    return run_pipeline(exp, tags=tags)
+
+
+if __name__ == "__main__":
+    main()

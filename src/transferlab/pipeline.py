@@ -1,0 +1,45 @@
+"""The whole pipeline in one process: prepare -> pretrain -> finetune -> evaluate.
+
+The same stage functions that DVC runs one by one, called in a row for one
+composed config; this is what ``python -m transferlab`` (and each job of a
+Hydra multirun) does. Each run writes under its own output folder; prepared
+data is cached by the settings it depends on, so a sweep prepares it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from transferlab.config.schema import ExperimentConfig, PathsConfig
+
+
+def prepared_key(cfg: ExperimentConfig) -> str:
+    """Everything the prepare stage's output depends on."""
+    key = {"data": asdict(cfg.data), "seed": cfg.seed, "source": cfg.backbone.weights == "source",
+           "pretrain": [cfg.pretrain.classes, cfg.pretrain.max_per_class]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def with_output_dir(cfg: ExperimentConfig, output_dir: str | Path) -> ExperimentConfig:
+    """``cfg`` with every path under ``output_dir`` (prepared data under ``paths.cache``)."""
+    out = Path(output_dir)
+    paths = PathsConfig(prepared=str(Path(cfg.paths.cache) / "prepared" / prepared_key(cfg)), cache=cfg.paths.cache,
+                        weights=str(out / "weights" / "backbone.safetensors"), model=str(out / "models"),
+                        metrics=str(out / "metrics"), plots=str(out / "plots"))
+    return replace(cfg, paths=paths)
+
+
+def run_pipeline(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    from transferlab.stages import evaluate, finetune, prepare, pretrain
+
+    if not (Path(cfg.paths.prepared) / "target" / "meta.json").is_file() or (
+            cfg.backbone.weights == "source" and not (Path(cfg.paths.prepared) / "source" / "meta.json").is_file()):
+        prepare.run(cfg)
+    pretrain.run(cfg)
+    run_id, _ = finetune.run(cfg, tags=tags)
+    metrics = evaluate.run(cfg)
+    return {"run_id": run_id, "test_acc": metrics["test_acc"]}
