@@ -104,7 +104,8 @@ def test_every_backbone_builds_and_trains_one_step(name: str) -> None:
             model, backbone = build_model(cfg, num_classes=3, data_channels=1, normalisation=_norm(channels))
 
     # fresh weights: the torchvision classifier is cut, the features have the documented width
-    features = model.eval().features(_raw_batch(2, seed=1).images)
+    with torch.no_grad():
+        features = model.eval().features(_raw_batch(2, seed=1).images)
     assert features.shape == (2, backbone.out_features)
     assert model.head.out.in_features == backbone.out_features
     assert backbone.family == ("torchvision" if is_torchvision(name) else "builtin")
@@ -146,7 +147,8 @@ def test_backbone_layers_mlp() -> None:
 
 def test_inception_299_training_returns_aux_logits_and_the_loop_adds_aux_loss() -> None:
     torch.manual_seed(0)
-    cfg = _experiment("inception_v3", input_size=299)
+    assert INCEPTION_AUX_MIN_SIZE == 299
+    cfg = _experiment("inception_v3", input_size=INCEPTION_AUX_MIN_SIZE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # at 299 px nothing is switched off
         model, backbone = build_model(cfg, num_classes=3, data_channels=1, normalisation=_norm(3))

@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from transferlab.models.backbones import Backbone, is_torchvision
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -140,24 +138,51 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def mlflow_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The backbone weights of a model logged by an earlier run."""
-    import mlflow.pytorch
+CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 
+
+def mlflow_run_id(uri: str) -> str:
+    """The run behind ``runs:/<id>/...`` or ``models:/<name>/<version>``."""
+    import mlflow
+
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].split("/", 1)[0]
+        if not run_id:
+            raise WeightsError(f"'{uri}' names no run; expected runs:/<run_id>/model")
+        return run_id
+    name, _, version = uri[len("models:/"):].partition("/")
     try:
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        if version.startswith("@"):
+            mv = mlflow.MlflowClient().get_model_version_by_alias(name, version[1:])
+        else:
+            mv = mlflow.MlflowClient().get_model_version(name, version)
     except Exception as err:
-        raise WeightsError(f"Could not load MLflow model '{uri}' ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}). Is tracking.uri the store "
-                           "that holds that run?") from None
-    backbone = getattr(model, "backbone", None)
-    if not isinstance(backbone, nn.Module):
-        raise WeightsError(f"MLflow model '{uri}' has no `backbone`; it was not logged by transferlab")
-    meta: dict[str, Any] = {}
-    pre = getattr(model, "preprocess", None)
-    if pre is not None:
-        meta = {"mean": pre.mean.flatten().tolist(), "std": pre.std.flatten().tolist(), "input_size": pre.size}
-    return backbone.state_dict(), meta
+        raise WeightsError(f"Could not resolve '{uri}' ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if not mv.run_id:
+        raise WeightsError(f"'{uri}' was not logged by a run, so it has no checkpoint to take weights from")
+    return mv.run_id
+
+
+def mlflow_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The backbone weights of an earlier run (the note's own model zoo).
+
+    Reads the run's checkpoint (a plain state dict, loaded with
+    ``weights_only=True``) rather than unpickling a logged model.
+    """
+    import mlflow.artifacts
+
+    run_id = mlflow_run_id(uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT)
+    except Exception as err:
+        raise WeightsError(f"Could not fetch {CHECKPOINT_ARTIFACT} of run {run_id} for '{uri}' "
+                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                           "Is tracking.uri the store that holds that run?") from None
+    state = read_weights_file(local)
+    meta: dict[str, Any] = {"mlflow_run_id": run_id}
+    if "preprocess.mean" in state:
+        meta.update(mean=state["preprocess.mean"].flatten().tolist(), std=state["preprocess.std"].flatten().tolist())
+    return state, meta
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

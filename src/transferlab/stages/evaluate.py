@@ -131,8 +131,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     metrics_dir, plots_dir = Path(cfg.paths.metrics), Path(cfg.paths.plots)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     (metrics_dir / "test.json").write_text(json.dumps(
-        {"test_acc": metrics["test_acc"], "test_macro_f1": metrics["test_macro_f1"],
-         "per_class": metrics["per_class"]}, indent=2))
+        {"test_acc": metrics["test_acc"], "test_macro_f1": metrics["test_macro_f1"]}, indent=2))
+    (metrics_dir / "per_class.json").write_text(json.dumps(metrics["per_class"], indent=2))
     plots_dir.mkdir(parents=True, exist_ok=True)
     with open(plots_dir / "confusion.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -151,17 +151,21 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         mlflow.log_artifact(str(image), artifact_path="evaluation")
         mlflow.log_artifact(str(plots_dir / "confusion.csv"), artifact_path="evaluation")
         if cfg.tracking.log_model:
-            log_model(model.cpu(), test.images[:4])
+            mlflow.set_tag("model_format", log_model(model.cpu(), test.images[:4]))
     print(f"evaluate: test_acc={metrics['test_acc']:.4f} macro_f1={metrics['test_macro_f1']:.4f}")
     return metrics
 
 
-def log_model(model: FineTuneModel, example: torch.Tensor) -> None:
-    """``mlflow.pytorch`` model with signature and input example.
+def log_model(model: FineTuneModel, example: torch.Tensor) -> str:
+    """``mlflow.pytorch`` model with signature and input example; returns the format.
 
-    Requirements are given, not inferred: inference loads the model in a
-    subprocess and costs many seconds.
+    Saved as a ``torch.export`` program (``pt2``: no pickle, loads without this
+    package, takes raw uint8 images of any batch size); a model that cannot be
+    exported falls back to a pickle. Requirements are given, not inferred:
+    inference loads the model in a subprocess and costs many seconds.
     """
+    import warnings
+
     import mlflow.pytorch
     import torchvision
     from mlflow.models import infer_signature
@@ -172,9 +176,17 @@ def log_model(model: FineTuneModel, example: torch.Tensor) -> None:
         y = model(example).numpy()
     signature = infer_signature(x, y)
     requirements = [f"torch=={torch.__version__.split('+')[0]}",
-                    f"torchvision=={torchvision.__version__.split('+')[0]}", "transferlab"]
+                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    try:
+        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x,
+                                 pip_requirements=requirements, serialization_format="pt2")
+        return "pt2"
+    except Exception as err:  # torch.export does not cover every model
+        warnings.warn(f"torch.export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                      "logging the model as a pickle instead", stacklevel=2)
     mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x,
-                             pip_requirements=requirements)
+                             pip_requirements=[*requirements, "transferlab"], serialization_format="pickle")
+    return "pickle"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -136,6 +136,9 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
     staged = s.head_only_epochs > 0
     if staged:
         set_backbone_trainable(model, False, keep_frozen=s.frozen)
+    # Frozen weights are never touched, max-norm included (as in Keras, where a constraint is part of
+    # the update that a non-trainable layer does not get).
+    frozen_ids = {id(p) for name, p in model.named_parameters() if name in s.frozen}
     try:
         for epoch in range(s.epochs):
             if staged and epoch == s.head_only_epochs:
@@ -147,6 +150,7 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
                     if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
                             not p.requires_grad for p in module.parameters(recurse=False)):
                         module.eval()
+            constrained = [w for w in s.max_norm_weights if w.requires_grad and id(w) not in frozen_ids]
             order = torch.randperm(n, generator=generator).to(device, non_blocking=True)
             loss_sum = torch.zeros((), device=device)
             hits = torch.zeros((), device=device, dtype=torch.long)
@@ -167,8 +171,8 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
                 loss.backward()
                 optimizer.step()
                 schedule.step_batch()
-                if s.max_norm is not None and s.max_norm_weights:
-                    largest_norm = torch.maximum(largest_norm, apply_max_norm(s.max_norm_weights, s.max_norm))
+                if s.max_norm is not None and constrained:
+                    largest_norm = torch.maximum(largest_norm, apply_max_norm(constrained, s.max_norm))
                 loss_sum += loss.detach() * y.shape[0]
                 hits += (head.predict(logits.detach()) == y).sum()
                 seen += y.shape[0]
@@ -227,4 +231,5 @@ def _progress(*, total: int, desc: str, enabled: bool):  # type: ignore[no-untyp
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+    # disable=None: no bar when the output is not a terminal (logs, CI, DVC in the background).
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5, disable=None)
