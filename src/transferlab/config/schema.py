@@ -110,7 +110,7 @@ class SchedulerConfig:
     name: str = "none"  # none | step | exponential | cosine | onecycle | plateau
     step_size: int = 5  # step
     gamma: float = 0.5  # step, exponential
-    min_lr_mult: float = 0.0  # cosine: final lr = lr * this
+    min_lr_mult: float = 0.0  # cosine: lr * this after the last epoch (T_max = epochs)
     pct_start: float = 0.3  # onecycle
     factor: float = 0.5  # plateau
     patience: int = 2  # plateau

@@ -11,7 +11,8 @@ top-level child modules that hold parameters, in forward order; a top-level
 ``features`` or ``classifier`` Sequential is opened into its children.
 So resnet's layers are ``conv1, bn1, layer1 .. layer4``; vgg16's are its 13
 convolutions then 2 linear layers; mobilenet/efficientnet/convnext's are the
-blocks of ``features``. :func:`backbone_layers` lists them.
+blocks of ``features`` (then the Linear/LayerNorm left in ``classifier``).
+:func:`backbone_layers` lists them.
 """
 
 from __future__ import annotations

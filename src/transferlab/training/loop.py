@@ -79,7 +79,8 @@ def _split_output(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tupl
 def evaluate_batches(model: nn.Module, head: Head, data: Batches, *, batch_size: int, amp: bool = False,
                      channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss and accuracy as 0-d device tensors."""
-    was_training = model.training
+    # Restore each module's own mode afterwards: frozen BatchNorm must stay in eval.
+    modes = [m.training for m in model.modules()]
     model.eval()
     device = data.images.device
     loss_sum = torch.zeros((), device=device)
@@ -94,7 +95,8 @@ def evaluate_batches(model: nn.Module, head: Head, data: Batches, *, batch_size:
         logits = logits.float()
         loss_sum += head.loss(logits, y) * y.shape[0]
         hits += (head.predict(logits) == y).sum()
-    model.train(was_training)
+    for module, mode in zip(model.modules(), modes):
+        module.training = mode
     n = max(len(data), 1)
     return loss_sum / n, hits.double() / n
 
