@@ -208,7 +208,11 @@ def test_unit_groups_fewer_units_than_classes() -> None:
 def test_overcomplete_default_units_for_digits() -> None:
     head = create_head("overcomplete", in_features=4, num_classes=10)
     assert head.out.out_features == 14 and head.overcomplete
-    assert head.unit_owner.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 8, 9]
+    owner = [c for c, g in enumerate(head.groups) for _ in g]
+    assert owner == [0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 8, 9]
+    # The padded gather index used for pooling: each row holds its class's units, pads masked out.
+    picked = head.group_index[head.group_mask].tolist()
+    assert picked == list(range(14))
 
 
 def _overcomplete(pooling: str) -> tuple[Head, torch.Tensor]:

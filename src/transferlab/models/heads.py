@@ -74,9 +74,13 @@ class Head(nn.Module):
         self.num_classes = num_classes
         self.pooling = pooling
         self.groups = unit_groups(num_units, num_classes) if not binary else [[0]]
-        # For pooling: index of the owning class of every unit.
-        owner = torch.tensor([c for c, g in enumerate(self.groups) for _ in g]) if not binary else torch.zeros(1)
-        self.register_buffer("unit_owner", owner.long(), persistent=False)
+        # Pooling gathers every group at once through a padded [classes, width]
+        # index (pads masked out), so the forward makes no host-to-device copy.
+        width = max(len(g) for g in self.groups)
+        index = torch.tensor([g + [g[0]] * (width - len(g)) for g in self.groups], dtype=torch.long)
+        mask = torch.tensor([[True] * len(g) + [False] * (width - len(g)) for g in self.groups])
+        self.register_buffer("group_index", index, persistent=False)
+        self.register_buffer("group_mask", mask, persistent=False)
         self.overcomplete = not binary and num_units > num_classes
 
     def unit_logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -88,11 +92,13 @@ class Head(nn.Module):
     def pool(self, units: torch.Tensor) -> torch.Tensor:
         if not self.overcomplete:
             return units
+        grouped = units[:, self.group_index]  # [N, classes, width]
+        if self.pooling == "mean":
+            return (grouped * self.group_mask).sum(dim=2) / self.group_mask.sum(dim=1)
+        grouped = grouped.masked_fill(~self.group_mask, float("-inf"))
         if self.pooling == "logsumexp":
-            return torch.stack([units[:, g].logsumexp(dim=1) for g in self.groups], dim=1)
-        if self.pooling == "max":
-            return torch.stack([units[:, g].amax(dim=1) for g in self.groups], dim=1)
-        return torch.stack([units[:, g].mean(dim=1) for g in self.groups], dim=1)
+            return grouped.logsumexp(dim=2)
+        return grouped.amax(dim=2)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         if self.binary:

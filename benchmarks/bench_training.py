@@ -1,0 +1,130 @@
+"""Training throughput: this project's loop against a common baseline.
+
+Baseline: a typical loop — a DataLoader over CPU tensors, a host-to-device
+copy per batch, fp32, NCHW, and ``loss.item()`` every step. Then the
+project's loop (data resident on the device as uint8, no per-step sync),
+alone and with bf16 autocast, channels-last and both. Prints images/s and
+the ratio to the baseline measured in the same run.
+
+    python benchmarks/bench_training.py --backbone resnet18 --size 64 --images 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from transferlab.config.schema import OptimizerConfig, SchedulerConfig
+from transferlab.models.assemble import FineTuneModel, Preprocess
+from transferlab.models.backbones import create_backbone
+from transferlab.models.heads import create_head
+from transferlab.training.loop import Batches, TrainSettings, fit, steps_per_epoch
+from transferlab.training.optim import Schedule, create_optimizer
+from transferlab.training.param_groups import param_groups
+
+
+def digits_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real digits, repeated to ``n`` images (uint8, 1x8x8)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    idx = np.arange(n) % len(d.target)
+    images = torch.from_numpy(np.round(d.images[idx] * 255 / 16).astype(np.uint8)).unsqueeze(1)
+    return images.contiguous(), torch.from_numpy(d.target[idx].astype(np.int64))
+
+
+def build(backbone: str, size: int, device: torch.device) -> FineTuneModel:
+    torch.manual_seed(0)
+    bb = create_backbone(backbone, channels=3, input_size=size)
+    head = create_head("linear", in_features=bb.out_features, num_classes=10)
+    return FineTuneModel(Preprocess(1, 3, size, [0.3] * 3, [0.3] * 3), bb.module, head).to(device)
+
+
+def baseline(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    model = build(args.backbone, args.size, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=args.batch,
+                                         shuffle=True, drop_last=True)
+    model.train()
+    seen, started = 0, None
+    for epoch in range(args.epochs + 1):  # the first epoch warms up
+        if epoch == 1:
+            _sync(device)
+            started, seen = time.perf_counter(), 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = model.head.loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()  # the usual per-step logging
+            seen += y.shape[0]
+    _sync(device)
+    return seen / (time.perf_counter() - started)
+
+
+def ours(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor, device: torch.device, *,
+         amp: bool, channels_last: bool, compile: bool = False) -> float:
+    model = build(args.backbone, args.size, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    train = Batches(images.to(device), labels.to(device))
+    val = Batches(train.images[:args.batch], train.labels[:args.batch])
+
+    def run(epochs: int) -> float:
+        opt = create_optimizer(param_groups(model, lr=0.01, backbone_lr_mult=1.0, weight_decay=0.0),
+                               OptimizerConfig(lr=0.01))
+        schedule = Schedule(opt, SchedulerConfig(name="none"), epochs=epochs,
+                            steps_per_epoch=steps_per_epoch(len(train), args.batch))
+        settings = TrainSettings(epochs=epochs, batch_size=args.batch, amp=amp, channels_last=channels_last,
+                                 compile=compile, progress=False)
+        _sync(device)
+        started = time.perf_counter()
+        fit(model, model.head, train, val, opt, schedule, settings)
+        _sync(device)
+        return time.perf_counter() - started
+
+    run(1)  # warm-up: cuDNN autotuning, allocator, compilation
+    return args.epochs * len(train) / run(args.epochs)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    images, labels = digits_images(args.images)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.backbone} at {args.size}px, batch {args.batch}, {args.images} images x {args.epochs} epochs "
+          f"on {name}, torch {torch.__version__}")
+    base = baseline(args, images, labels, device)
+    print(f"{'baseline (DataLoader, fp32, sync per step)':<46} {base:>10.0f} img/s   1.00x")
+    variants = [("device-resident data, no per-step sync", False, False, False)]
+    if device.type == "cuda":
+        variants += [("  + bf16 autocast", True, False, False), ("  + channels-last", False, True, False),
+                     ("  + bf16 + channels-last", True, True, False)]
+        if args.compile:
+            variants.append(("  + bf16 + channels-last + compile", True, True, True))
+    for label, amp, cl, comp in variants:
+        rate = ours(args, images, labels, device, amp=amp, channels_last=cl, compile=comp)
+        print(f"{label:<46} {rate:>10.0f} img/s {rate / base:>6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
