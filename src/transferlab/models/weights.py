@@ -218,7 +218,7 @@ def load_backbone_state(backbone: Backbone, state: dict[str, torch.Tensor], *, s
     if mismatched:
         raise WeightsError(f"weights from {source} do not fit the backbone ({len(mismatched)} shape "
                            f"mismatches): " + "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else ""))
-    if not keep:
+    if not keep and own:
         raise WeightsError(f"weights from {source} share no keys with the backbone; wrong backbone? "
                            f"(first keys in file: {list(state)[:3]})")
     report.missing = sorted(set(own) - set(keep))
