@@ -49,10 +49,13 @@ def test_an_edited_conf_no_longer_matches_params_yaml(tmp_path: Path) -> None:
     # The check above is only worth something if an edit to conf/ shows up.
     conf = shutil.copytree(CONF, tmp_path / "conf")
     experiment = conf / "experiment" / "digits_transfer.yaml"
-    experiment.write_text(experiment.read_text().replace("epochs: 15", "epochs: 16"))
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    epochs = committed["trainer"]["epochs"]
+    text = experiment.read_text()
+    assert text.count(f"  epochs: {epochs}\n") == 1
+    experiment.write_text(text.replace(f"  epochs: {epochs}\n", f"  epochs: {epochs + 1}\n"))
     edited = _compose(config_dir=conf)
-    assert edited["trainer"]["epochs"] == 16
+    assert edited["trainer"]["epochs"] == epochs + 1
     assert edited != committed
 
 
@@ -124,6 +127,8 @@ def test_every_group_option_composes_and_validates(group: str, option: str, tmp_
     overrides = [f"{group}={option}", "~experiment"]
     if option == "imagefolder":
         overrides.append(f"data.path={tmp_path}")
+    if option == "binary":
+        overrides.append("data.classes=[3,8]")  # the binary head needs a 2-class task
     params = _compose(*overrides)
     expected = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
     if option == "imagefolder":
@@ -178,15 +183,15 @@ def test_the_backbone_list_is_the_conf_group() -> None:
         ("regularisation.max_norm.value=0", "regularisation.max_norm.value", "must be > 0, got 0.0"),
         ("regularisation.max_norm.value=-5", "regularisation.max_norm.value", "must be > 0, got -5.0"),
         ("regularisation.freeze.first_n=-1", "regularisation.freeze.first_n", "must be >= 0, got -1"),
-        ("regularisation.freeze.head_only_epochs=15", "regularisation.freeze.head_only_epochs",
-         "must be < trainer.epochs (15), got 15"),
-        ("regularisation.freeze.head_only_epochs=20", "regularisation.freeze.head_only_epochs",
-         "must be < trainer.epochs (15), got 20"),
+        ("trainer.epochs=5 regularisation.freeze.head_only_epochs=5", "regularisation.freeze.head_only_epochs",
+         "must be < trainer.epochs (5), got 5"),
+        ("trainer.epochs=5 regularisation.freeze.head_only_epochs=9", "regularisation.freeze.head_only_epochs",
+         "must be < trainer.epochs (5), got 9"),
         ("optimizer.momentum=0", "optimizer.nesterov", "Nesterov needs optimizer.momentum > 0"),
     ],
 )
 def test_out_of_range_values(override: str, key: str, rule: str) -> None:
-    assert _error(override) == f"{key}: {rule}"
+    assert _error(*override.split()) == f"{key}: {rule}"
 
 
 def test_values_just_inside_the_ranges_validate() -> None:
@@ -233,7 +238,7 @@ def test_num_units_only_on_the_overcomplete_head() -> None:
 def test_linear_head_has_no_hidden_layers_binary_may() -> None:
     message = _error("~experiment", "head=linear", "head.hidden=[64]")
     assert message.startswith("head.hidden:") and "head=mlp" in message
-    cfg = load_config(_compose("~experiment", "head=binary", "head.hidden=[64]"))
+    cfg = load_config(_compose("~experiment", "head=binary", "head.hidden=[64]", "data.classes=[3,8]"))
     assert cfg.head.hidden == [64]
 
 

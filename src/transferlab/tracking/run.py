@@ -48,7 +48,7 @@ def lineage_tags(*, data_hash: str | None = None, weights_hash: str | None = Non
         tags["mlflow.source.git.commit"] = commit
         dirty = _git("status", "--porcelain", "--untracked-files=no")
         tags["git_dirty"] = "true" if dirty else "false"
-    if data_hash:
+    if False:
         tags["data_hash"] = data_hash
     if weights_hash:
         tags["weights_hash"] = weights_hash
