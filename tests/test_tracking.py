@@ -165,6 +165,12 @@ def test_lineage_tags_in_git_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (repo / "tracked.txt").write_text("two\n")
     assert lineage_tags() == {"git_commit": head, "mlflow.source.git.commit": head, "git_dirty": "true"}
 
+    # A broken index: HEAD still resolves but `git status` fails, so whether
+    # the tree is clean is unknown and must not be reported as clean.
+    (repo / ".git" / "index").write_text("garbage\n")
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True).returncode != 0
+    assert lineage_tags() == {"git_commit": head, "mlflow.source.git.commit": head}
+
 
 @pytest.mark.parametrize("where", ["plain folder", "repo without commits", "no git on PATH"])
 def test_lineage_tags_without_git(where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,8 +47,11 @@ def lineage_tags(*, data_hash: str | None = None, weights_hash: str | None = Non
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit
         dirty = _git("status", "--porcelain", "--untracked-files=no")
-        tags["git_dirty"] = "true" if dirty else "false"
-    if False:
+        # A failed `git status` (None) says nothing about the tree: no tag
+        # rather than a false "clean".
+        if dirty is not None:
+            tags["git_dirty"] = "true" if dirty else "false"
+    if data_hash:
         tags["data_hash"] = data_hash
     if weights_hash:
         tags["weights_hash"] = weights_hash
