@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+import argparse
+from typing import Any, Callable
 
 from transferlab.config.validate import ConfigError
 
@@ -14,7 +15,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from transferlab.models.weights import WeightsError
     from transferlab.training.freezing import FreezeError
 
-    return ConfigError, DataError, HeadError, WeightsError, FreezeError
+    return ConfigError, DataError, HeadError, WeightsError, FreezeError, FloatingPointError
 
 
 def guarded(main: Callable[[], None]) -> None:
@@ -23,3 +24,13 @@ def guarded(main: Callable[[], None]) -> None:
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def stage_main(run: Callable[[Any], object], doc: str, argv: list[str] | None = None) -> None:
+    """A DVC stage's command line: read ``params.yaml``, validate, run."""
+    from transferlab.config.params import read_params
+
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="the composed config (default: params.yaml)")
+    args = parser.parse_args(argv)
+    guarded(lambda: run(read_params(args.params)))

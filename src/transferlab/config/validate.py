@@ -207,6 +207,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "trainer.device",
            f"must be auto, cpu, cuda or cuda:N, got '{t.device}'")
+    if t.device.startswith("cuda"):
+        import torch
+
+        _check(torch.cuda.is_available(), "trainer.device",
+               f"'{t.device}', but CUDA is not available here; use auto (CUDA when present) or cpu")
     _one_of(t.monitor, ["val_acc", "val_loss"], "trainer.monitor", "monitor")
     _check(t.aux_loss_weight >= 0, "trainer.aux_loss_weight", f"must be >= 0, got {t.aux_loss_weight}")
     if t.num_threads is not None:

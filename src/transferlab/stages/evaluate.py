@@ -7,7 +7,6 @@ confusion matrix (picture and DVC plot data) and the model itself
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import tempfile
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferlab.config.params import read_params
+from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig
 from transferlab.data import PreparedData, load_prepared
 from transferlab.models.assemble import FineTuneModel, Normalisation, build_model
@@ -190,13 +189,8 @@ def log_model(model: FineTuneModel, example: torch.Tensor) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    run(read_params(args.params))
+    stage_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    from transferlab.cli import guarded
-
-    guarded(main)
+    main()

@@ -7,7 +7,6 @@ best checkpoint, and records everything in a new MLflow run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -20,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferlab.config.params import read_params, to_container
+from transferlab.config.params import to_container
+from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig
 from transferlab.data import PreparedData, load_prepared
 from transferlab.models.assemble import FineTuneModel, Normalisation, build_model
@@ -226,13 +226,8 @@ def _write_history(result: FitResult, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    run(read_params(args.params))
+    stage_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    from transferlab.cli import guarded
-
-    guarded(main)
+    main()

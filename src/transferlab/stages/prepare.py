@@ -8,13 +8,12 @@ Later stages never decode an image file again.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from transferlab.config.params import read_params
+from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig
 from transferlab.data import DataError, PreparedData, RawDataset, load_source, prepare_dataset, save_prepared
 
@@ -62,13 +61,8 @@ def run(cfg: ExperimentConfig) -> dict[str, PreparedData]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    run(read_params(args.params))
+    stage_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    from transferlab.cli import guarded
-
-    guarded(main)
+    main()

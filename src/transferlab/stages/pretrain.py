@@ -8,14 +8,13 @@ source, the load report and the preprocessing the weights expect. For
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from transferlab.config.params import read_params
+from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig, SchedulerConfig, OptimizerConfig
 from transferlab.data import load_prepared
 from transferlab.models.assemble import Normalisation, build_backbone, build_model
@@ -108,13 +107,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    run(read_params(args.params))
+    stage_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    from transferlab.cli import guarded
-
-    guarded(main)
+    main()

@@ -12,9 +12,11 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from transferlab.config.validate import ConfigError
+
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={name}, but CUDA is not available here; use trainer.device=auto or cpu")
+        raise ConfigError(f"trainer.device: '{name}', but CUDA is not available here; use auto or cpu")
     return device
 
 
