@@ -186,3 +186,31 @@ def test_keras_mlp_preset_trains(tmp_path: Path, monkeypatch) -> None:
     assert best["head.out.weight"].shape == (1, 128)
     for key in ("head.hidden.0.weight", "head.hidden.3.weight"):
         assert best[key].norm(dim=1).max() <= 5.0 + 1e-6
+
+
+def test_interrupted_finetune_keeps_its_run_metrics_and_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C in epoch 2: the run ends KILLED, not RUNNING, with epoch 1's
+    metrics and the best checkpoint so far."""
+    import mlflow
+
+    from transferlab.stages import finetune, prepare, pretrain
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path, "trainer.epochs=3")
+    prepare.run(cfg)
+    pretrain.run(cfg)
+    real_log_metrics = mlflow.log_metrics
+
+    def interrupt_in_epoch_two(metrics, step=None, **kw):
+        real_log_metrics(metrics, step=step, **kw)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow, "log_metrics", interrupt_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg)
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "KILLED"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]

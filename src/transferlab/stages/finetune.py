@@ -150,8 +150,14 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
             mlflow.log_metrics(metrics, step=epoch + 1)
 
         started = time.perf_counter()
-        result = fit(model, model.head, train, val, optimizer, schedule, settings, on_epoch_end=on_epoch_end,
-                     desc="finetune")
+        try:
+            result = fit(model, model.head, train, val, optimizer, schedule, settings,
+                         on_epoch_end=on_epoch_end, desc="finetune")
+        except BaseException:
+            # Interrupted or failed: the best checkpoint so far still goes to the run.
+            if (model_dir / BEST).is_file():
+                mlflow.log_artifact(str(model_dir / BEST), artifact_path="checkpoint")
+            raise
         seconds = time.perf_counter() - started
         best = result.history[result.best_epoch]
         summary = {"best_epoch": result.best_epoch + 1, f"best_{cfg.trainer.monitor}": result.best_value,

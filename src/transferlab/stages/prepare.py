@@ -28,7 +28,16 @@ def one_vs_rest(raw: RawDataset, positive: str) -> RawDataset:
 
 
 def build_task(raw: RawDataset, cfg: ExperimentConfig, *, classes: list[str] | None,
-               max_per_class: int | None, positive: str | None) -> PreparedData:
+               max_per_class: int | None, positive: str | None, key: str) -> PreparedData:
+    """The prepared task; errors name the config key (``key``) that chose the classes."""
+    try:
+        return _build_task(raw, cfg, classes=classes, max_per_class=max_per_class, positive=positive)
+    except DataError as err:
+        raise DataError(f"{key}={list(classes) if classes is not None else None}: {err}") from None
+
+
+def _build_task(raw: RawDataset, cfg: ExperimentConfig, *, classes: list[str] | None,
+                max_per_class: int | None, positive: str | None) -> PreparedData:
     if positive is not None:
         if classes is not None:
             keep = np.isin(raw.labels, [raw.class_names.index(c) for c in classes if c in raw.class_names])
@@ -44,10 +53,11 @@ def run(cfg: ExperimentConfig) -> dict[str, PreparedData]:
     raw = load_source(d.source, root=d.root, path=d.path, image_size=d.image_size, channels=d.channels,
                       download=d.download)
     tasks = {"target": build_task(raw, cfg, classes=d.classes, max_per_class=d.max_per_class,
-                                  positive=d.positive_class)}
+                                  positive=d.positive_class, key="data.classes")}
     if cfg.backbone.weights == "source":
         tasks["source"] = build_task(raw, cfg, classes=cfg.pretrain.classes,
-                                     max_per_class=cfg.pretrain.max_per_class, positive=None)
+                                     max_per_class=cfg.pretrain.max_per_class, positive=None,
+                                     key="pretrain.classes")
     out = Path(cfg.paths.prepared)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in tasks.items():
