@@ -306,7 +306,7 @@ def test_cli_group_choice_beats_the_presets_group_override() -> None:
     # group choice replaces that choice ...
     params = _compose("backbone=resnet18")
     assert params["backbone"]["name"] == "resnet18"
-    assert params["backbone"]["input_size"] == 32  # from conf/backbone/resnet18.yaml
+    assert params["backbone"]["channels"] == 3  # from conf/backbone/resnet18.yaml (small_cnn says 1)
     # ... but the preset's own values are still merged on top of the chosen file.
     assert params["backbone"]["weights"] == "source"
 
@@ -314,6 +314,6 @@ def test_cli_group_choice_beats_the_presets_group_override() -> None:
 def test_preset_values_win_over_the_cli_group_file_but_not_over_cli_values() -> None:
     params = _compose("experiment=keras_mlp", "backbone=resnet18")
     assert params["backbone"]["name"] == "resnet18"
-    assert params["backbone"]["input_size"] == 28  # keras_mlp sets it; resnet18.yaml says 32
+    assert params["backbone"]["input_size"] == 28  # keras_mlp sets it; resnet18.yaml says null
     params = _compose("experiment=keras_mlp", "backbone=resnet18", "backbone.input_size=64")
     assert params["backbone"]["input_size"] == 64

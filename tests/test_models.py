@@ -367,7 +367,7 @@ def test_preprocess_rejects_bad_shapes() -> None:
 
 
 def test_build_model_wires_dropouts_and_head() -> None:
-    cfg = ExperimentConfig(backbone=BackboneConfig(name="small_cnn", width=4, depth=2),
+    cfg = ExperimentConfig(backbone=BackboneConfig(name="small_cnn", width=4, depth=2, input_size=8),
                            head=HeadConfig(name="mlp", hidden=[16, 8]))
     cfg.regularisation.dropout.input = 0.2
     cfg.regularisation.dropout.features = 0.5
@@ -407,3 +407,19 @@ def test_head_init_default_differs() -> None:
     first, second = _head_linears("default")
     assert first.weight.std().item() > 0.065 and second.weight.std().item() < 0.04
     assert first.bias.abs().sum().item() > 0
+
+
+@pytest.mark.parametrize("name,configured,weights_size,data_size,expected", [
+    ("resnet18", None, 224, 32, 224),     # follows the weights' own crop size
+    ("resnet18", None, None, 8, 32),      # no weights: the data's size, at least 32
+    ("resnet18", None, None, 64, 64),
+    ("inception_v3", None, None, 32, 75),
+    ("small_cnn", None, None, 8, 8),      # built-in: any size
+    ("resnet18", 96, 224, 32, 96),        # a configured size wins
+])
+def test_input_size_resolution(name, configured, weights_size, data_size, expected) -> None:
+    from transferlab.models.assemble import resolve_input_size
+
+    cfg = ExperimentConfig(backbone=BackboneConfig(name=name, input_size=configured))
+    assert resolve_input_size(cfg, weights_size=weights_size, data_size=data_size).backbone.input_size == expected
+    assert cfg.backbone.input_size == configured  # the input is left alone

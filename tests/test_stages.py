@@ -66,11 +66,13 @@ def test_source_weights_come_from_the_source_task(first_run) -> None:
 
 
 def test_weights_from_an_earlier_mlflow_run(first_run, tmp_path: Path) -> None:
-    from transferlab.stages import pretrain
+    from transferlab.stages import prepare, pretrain
 
     cfg1, result = first_run
     cfg2 = _cfg(tmp_path, f"backbone.weights=runs:/{result['run_id']}/model", name="second")
+    prepare.run(cfg2)
     meta = pretrain.run(cfg2)
+    assert meta["input_size"] == 8  # the earlier run's size (its `model.input_size` param)
     assert meta["kind"] == "mlflow" and meta["mlflow_run_id"] == result["run_id"]
     assert meta["load_report"]["missing"] == [] and meta["load_report"]["unexpected"] == []
     best = torch.load(Path(cfg1.paths.model) / "best.pt", weights_only=True)
@@ -83,12 +85,13 @@ def test_weights_from_an_earlier_mlflow_run(first_run, tmp_path: Path) -> None:
 def test_weights_from_a_registered_model(first_run, tmp_path: Path) -> None:
     import mlflow
 
-    from transferlab.stages import pretrain
+    from transferlab.stages import prepare, pretrain
 
     _, result = first_run
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     version = mlflow.register_model(f"runs:/{result['run_id']}/model", "digits-5-9")
     cfg = _cfg(tmp_path, f"backbone.weights=models:/digits-5-9/{version.version}", name="registered")
+    prepare.run(cfg)
     meta = pretrain.run(cfg)
     assert meta["mlflow_run_id"] == result["run_id"]
 
@@ -97,9 +100,10 @@ def test_weights_from_a_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from transferlab.models.assemble import build_backbone
-    from transferlab.stages import pretrain
+    from transferlab.stages import prepare, pretrain
 
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, "backbone.input_size=8")
+    prepare.run(cfg)
     torch.manual_seed(123)
     source = build_backbone(cfg.backbone).module.state_dict()
     path = tmp_path / "my_weights.safetensors"

@@ -344,6 +344,14 @@ def test_pipeline_makes_one_finished_run_with_lineage(sqlite_run: Finished) -> N
                     "experiment_id": r.info.experiment_id}
 
 
+def _resolved(cfg):
+    """The config as the run logs it: backbone.input_size decided (null -> 8 px digits)."""
+    from dataclasses import replace
+
+    assert cfg.backbone.input_size is None
+    return replace(cfg, backbone=replace(cfg.backbone, input_size=8))
+
+
 def test_pipeline_params_are_the_flattened_config(sqlite_run: Finished) -> None:
     from transferlab.config.params import to_container
     from transferlab.tracking.run import flatten
@@ -355,8 +363,9 @@ def test_pipeline_params_are_the_flattened_config(sqlite_run: Finished) -> None:
     assert params["regularisation.max_norm.layers"] == "['head.*']"
     assert params["head.num_units"] == "null"
     assert params["trainer.epochs"] == "2"
-    flat = flatten(to_container(sqlite_run.cfg))
+    flat = flatten(to_container(_resolved(sqlite_run.cfg)))
     assert {k: params.get(k) for k in flat} == flat, "every config key is a param, with its value"
+    assert params["backbone.input_size"] == params["model.input_size"] == "8"  # null resolved to the data's size
 
     frozen, trainable = int(params["model.params_frozen"]), int(params["model.params_trainable"])
     assert frozen > 0 and trainable > 0, "the default experiment freezes the first backbone block"
@@ -416,7 +425,7 @@ def test_pipeline_artifacts(sqlite_run: Finished) -> None:
         params["model.params_frozen"])
 
     logged = yaml.safe_load(sqlite_run.download("config/config.yaml").read_text())
-    assert logged == to_container(sqlite_run.cfg)
+    assert logged == to_container(_resolved(sqlite_run.cfg))
 
     checkpoint = sqlite_run.download("checkpoint/best.pt").read_bytes()
     assert checkpoint == (Path(sqlite_run.cfg.paths.model) / "best.pt").read_bytes()

@@ -35,7 +35,10 @@ class BackboneConfig:
     # null | source | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...)
     # | a local .safetensors / .pt file | runs:/<id>/<path> | models:/<name>/<version>
     weights: Optional[str] = None
-    input_size: int = 8  # side of the square image the backbone sees (resized on the device)
+    # Side of the square image the backbone sees (resized on the device). null:
+    # the weights' own size (torchvision weights' crop size, or the size an
+    # earlier run used), else the data's size, at least the backbone's minimum.
+    input_size: Optional[int] = None
     channels: int = 1  # channels the backbone expects; grayscale data is repeated to 3
     width: int = 32  # small_cnn: channels of the first block (doubles per block)
     depth: int = 3  # small_cnn: number of conv blocks

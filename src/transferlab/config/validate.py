@@ -125,7 +125,8 @@ def validate(cfg: ExperimentConfig) -> None:
 
     b = cfg.backbone
     _one_of(b.name, list_backbones(), "backbone.name", "backbone")
-    _check(b.input_size >= 4, "backbone.input_size", f"must be >= 4, got {b.input_size}")
+    if b.input_size is not None:
+        _check(b.input_size >= 4, "backbone.input_size", f"must be >= 4 (or null), got {b.input_size}")
     _check(b.channels in (1, 3), "backbone.channels", f"must be 1 or 3, got {b.channels}")
     _check(b.width >= 1, "backbone.width", f"must be >= 1, got {b.width}")
     _check(b.depth >= 1, "backbone.depth", f"must be >= 1, got {b.depth}")

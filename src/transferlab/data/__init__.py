@@ -1,6 +1,14 @@
 """Data: raw sources by name, seeded class selection and splits, prepared split files."""
 
-from .prepared import PreparedData, Split, data_hash, load_prepared, prepare_dataset, save_prepared
+from .prepared import (
+    PreparedData,
+    Split,
+    data_hash,
+    load_prepared,
+    prepare_dataset,
+    read_prepared_meta,
+    save_prepared,
+)
 from .sources import (
     SOURCES,
     DataError,
@@ -24,6 +32,7 @@ __all__ = [
     "load_prepared",
     "load_source",
     "prepare_dataset",
+    "read_prepared_meta",
     "read_image_folder",
     "register_source",
     "save_prepared",

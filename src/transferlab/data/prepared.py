@@ -189,6 +189,14 @@ def save_prepared(data: PreparedData, directory: Path) -> None:
         raise
 
 
+def read_prepared_meta(directory: Path) -> dict:
+    """The ``meta`` of a prepared directory, without reading its tensors."""
+    meta_path = Path(directory) / META_FILE
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path} is missing: run the prepare stage first (dvc repro prepare)")
+    return json.loads(meta_path.read_text())["meta"]
+
+
 def load_prepared(directory: Path) -> PreparedData:
     """Read what ``save_prepared`` wrote; DataError naming the directory if missing or corrupt."""
     directory = Path(directory)

@@ -96,6 +96,19 @@ def build_model(cfg: ExperimentConfig, *, num_classes: int, data_channels: int,
     return model, backbone
 
 
+def resolve_input_size(cfg: ExperimentConfig, *, weights_size: int | None, data_size: int) -> ExperimentConfig:
+    """``cfg`` with ``backbone.input_size`` decided: the configured size, else
+    the weights' own, else the data's (at least the backbone's minimum)."""
+    from dataclasses import replace
+
+    from transferlab.models.backbones import min_input_size
+
+    size = cfg.backbone.input_size
+    if size is None:
+        size = weights_size if weights_size else max(data_size, min_input_size(cfg.backbone.name))
+    return replace(cfg, backbone=replace(cfg.backbone, input_size=int(size)))
+
+
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     return create_backbone(cfg.name, channels=cfg.channels, input_size=cfg.input_size, width=cfg.width,
                            depth=cfg.depth, hidden=list(cfg.hidden), activation=cfg.activation)

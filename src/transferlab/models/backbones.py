@@ -54,6 +54,14 @@ def register_backbone(name: str, *, torchvision: bool = False) -> Callable[[Back
     return decorator
 
 
+def min_input_size(name: str) -> int:
+    """The smallest input a backbone is sensible at: torchvision's nets
+    downsample 32x, inception_v3 needs 75 px; built-in ones take any size."""
+    if name == "inception_v3":
+        return 75
+    return 32 if name in TORCHVISION_BACKBONES else 1
+
+
 def list_backbones() -> list[str]:
     return sorted(BACKBONES)
 

@@ -169,6 +169,7 @@ def mlflow_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     Reads the run's checkpoint (a plain state dict, loaded with
     ``weights_only=True``) rather than unpickling a logged model.
     """
+    import mlflow
     import mlflow.artifacts
 
     run_id = mlflow_run_id(uri)
@@ -180,6 +181,9 @@ def mlflow_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
                            "Is tracking.uri the store that holds that run?") from None
     state = read_weights_file(local)
     meta: dict[str, Any] = {"mlflow_run_id": run_id}
+    size = mlflow.MlflowClient().get_run(run_id).data.params.get("model.input_size")
+    if size and size.isdigit():
+        meta["input_size"] = int(size)
     if "preprocess.mean" in state:
         meta.update(mean=state["preprocess.mean"].flatten().tolist(), std=state["preprocess.std"].flatten().tolist())
     return state, meta

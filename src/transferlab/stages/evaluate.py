@@ -19,13 +19,17 @@ import torch
 from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig
 from transferlab.data import PreparedData, load_prepared
-from transferlab.models.assemble import FineTuneModel, Normalisation, build_model
+from transferlab.models.assemble import FineTuneModel, Normalisation, build_model, resolve_input_size
 from transferlab.stages.finetune import BEST
 from transferlab.training.runtime import configure_threads, resolve_device
 
 
 def load_trained(cfg: ExperimentConfig, data: PreparedData) -> FineTuneModel:
     """Rebuild the model and load the best checkpoint (normalisation included)."""
+    from transferlab.models.weights import read_weights_meta
+
+    weights_size = read_weights_meta(cfg.paths.weights).get("input_size")
+    cfg = resolve_input_size(cfg, weights_size=weights_size, data_size=max(data.image_size))
     channels = cfg.backbone.channels
     model, _ = build_model(cfg, num_classes=data.num_classes, data_channels=data.channels,
                            normalisation=Normalisation([0.0] * channels, [1.0] * channels))

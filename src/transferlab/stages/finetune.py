@@ -23,7 +23,7 @@ from transferlab.config.params import to_container
 from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig
 from transferlab.data import PreparedData, load_prepared
-from transferlab.models.assemble import FineTuneModel, Normalisation, build_model
+from transferlab.models.assemble import FineTuneModel, Normalisation, build_model, resolve_input_size
 from transferlab.models.backbones import Backbone, backbone_layers
 from transferlab.models.weights import load_backbone_state, read_weights_file, read_weights_meta
 from transferlab.stages.pretrain import _normalisation
@@ -39,6 +39,7 @@ BEST = "best.pt"
 
 @dataclass
 class Assembled:
+    cfg: ExperimentConfig  # with backbone.input_size decided
     model: FineTuneModel
     backbone: Backbone
     plan: FreezePlan
@@ -51,6 +52,7 @@ def assemble(cfg: ExperimentConfig, data: PreparedData) -> Assembled:
     Every check that depends on the data (head size, layer count) fails here,
     before training."""
     meta = read_weights_meta(cfg.paths.weights)
+    cfg = resolve_input_size(cfg, weights_size=meta.get("input_size"), data_size=max(data.image_size))
     if "mean" in meta:
         norm = Normalisation(*_normalisation(meta["mean"], meta["std"], cfg.backbone.channels))
     else:
@@ -65,7 +67,7 @@ def assemble(cfg: ExperimentConfig, data: PreparedData) -> Assembled:
     groups = param_groups(model, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay,
                           zero_lr=plan.frozen if plan.method == "zero_lr" else frozenset(),
                           exclude=plan.frozen if plan.method == "requires_grad" else frozenset())
-    return Assembled(model, backbone, plan, groups, meta)
+    return Assembled(cfg, model, backbone, plan, groups, meta)
 
 
 def layer_rows(a: Assembled) -> list[dict[str, Any]]:
@@ -112,6 +114,7 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
     device = resolve_device(cfg.trainer.device)
     data = load_prepared(Path(cfg.paths.prepared) / "target")
     a = assemble(cfg, data)
+    cfg = a.cfg
     model = a.model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -188,6 +191,7 @@ def _log_setup(cfg: ExperimentConfig, a: Assembled, data: PreparedData, model_di
     counts = param_counts(a.model, a.plan)
     mlflow.log_params({**counts, "data.num_classes": data.num_classes, "data.class_names": str(data.class_names),
                        "data.train_size": len(data.splits["train"]), "device": str(device),
+                       "model.input_size": cfg.backbone.input_size,
                        "freeze.frozen_layers": str(list(a.plan.layers))})
     mlflow.log_dict(container, "config/config.yaml")
     mlflow.log_dict(a.weights_meta, "config/weights.json")

@@ -16,8 +16,8 @@ import torch
 
 from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig, SchedulerConfig, OptimizerConfig
-from transferlab.data import load_prepared
-from transferlab.models.assemble import Normalisation, build_backbone, build_model
+from transferlab.data import load_prepared, read_prepared_meta
+from transferlab.models.assemble import Normalisation, build_backbone, build_model, resolve_input_size
 from transferlab.models.weights import (
     kind_of, load_backbone_state, mlflow_state_dict, read_weights_file, save_weights, torchvision_state_dict,
 )
@@ -75,34 +75,39 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     configure_threads(cfg.trainer.num_threads)
     spec = cfg.backbone.weights
     kind = kind_of(spec)
-    backbone = build_backbone(cfg.backbone)
     meta: dict[str, Any] = {"weights": spec, "kind": kind, "backbone": cfg.backbone.name}
+    state, extra = None, {}
+    if kind == "torchvision":
+        state, extra = torchvision_state_dict(cfg.backbone.name, spec)  # type: ignore[arg-type]
+    elif kind == "mlflow":
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+        state, extra = mlflow_state_dict(spec)  # type: ignore[arg-type]
+    elif kind == "file":
+        state = read_weights_file(spec)  # type: ignore[arg-type]
+    weights_size = extra.get("input_size")
+    if weights_size and cfg.backbone.input_size not in (None, weights_size):
+        print(f"pretrain: note: these weights were trained at {weights_size} px; backbone.input_size="
+              f"{cfg.backbone.input_size} overrides that (null follows the weights)")
+    data_size = max(read_prepared_meta(Path(cfg.paths.prepared) / "target")["image_size"])
+    cfg = resolve_input_size(cfg, weights_size=weights_size, data_size=data_size)
     if kind == "source":
         backbone, extra = train_source_task(cfg, resolve_device(cfg.trainer.device))
-        meta.update(extra)
-    elif kind != "none":
-        if kind == "torchvision":
-            state, extra = torchvision_state_dict(cfg.backbone.name, spec)  # type: ignore[arg-type]
-        elif kind == "mlflow":
-            import mlflow
-
-            mlflow.set_tracking_uri(cfg.tracking.uri)
-            state, extra = mlflow_state_dict(spec)  # type: ignore[arg-type]
-        else:
-            state, extra = read_weights_file(spec), {}  # type: ignore[arg-type]
+    else:
+        backbone = build_backbone(cfg.backbone)
+    meta.update(extra)
+    if state is not None:
         report = load_backbone_state(backbone, state, source=str(spec))
-        meta.update(extra)
         meta["load_report"] = report.as_dict()
         print(f"pretrain: loaded {spec}: {len(report.missing)} missing, {len(report.unexpected)} unexpected, "
               f"{len(report.ignored)} replaced-head keys ignored")
         for label, keys in (("missing", report.missing), ("unexpected", report.unexpected)):
             if keys:
                 print(f"pretrain: {label} keys: {keys[:10]}{' ...' if len(keys) > 10 else ''}")
-    if "input_size" in meta and meta["input_size"] != cfg.backbone.input_size:
-        print(f"pretrain: note: the weights were trained at {meta['input_size']} px; "
-              f"backbone.input_size is {cfg.backbone.input_size}")
+    meta["input_size"] = cfg.backbone.input_size
     save_weights(cfg.paths.weights, backbone, meta)
-    print(f"pretrain: wrote {cfg.paths.weights} ({kind})")
+    print(f"pretrain: wrote {cfg.paths.weights} ({kind}, input size {cfg.backbone.input_size} px)")
     return meta
 
 
