@@ -79,6 +79,15 @@ class Normalisation:
     mean: list[float]
     std: list[float]
 
+    @classmethod
+    def for_channels(cls, mean: list[float], std: list[float], channels: int) -> "Normalisation":
+        """Statistics for the channels the backbone sees (grey repeated to RGB, RGB averaged to grey)."""
+        if len(mean) == channels:
+            return cls(list(mean), list(std))
+        if len(mean) == 1:
+            return cls(list(mean) * channels, list(std) * channels)
+        return cls([sum(mean) / len(mean)], [sum(std) / len(std)])
+
 
 def build_model(cfg: ExperimentConfig, *, num_classes: int, data_channels: int,
                 normalisation: Normalisation) -> tuple[FineTuneModel, Backbone]:

@@ -26,7 +26,6 @@ from transferlab.data import PreparedData, load_prepared
 from transferlab.models.assemble import FineTuneModel, Normalisation, build_model, resolve_input_size
 from transferlab.models.backbones import Backbone, backbone_layers
 from transferlab.models.weights import load_backbone_state, read_weights_file, read_weights_meta
-from transferlab.stages.pretrain import _normalisation
 from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_layers, plan_freeze
 from transferlab.training.loop import Batches, steps_per_epoch, FitResult, TrainSettings, fit
 from transferlab.training.maxnorm import constrained_weights
@@ -54,9 +53,9 @@ def assemble(cfg: ExperimentConfig, data: PreparedData) -> Assembled:
     meta = read_weights_meta(cfg.paths.weights)
     cfg = resolve_input_size(cfg, weights_size=meta.get("input_size"), data_size=max(data.image_size))
     if "mean" in meta:
-        norm = Normalisation(*_normalisation(meta["mean"], meta["std"], cfg.backbone.channels))
+        norm = Normalisation.for_channels(meta["mean"], meta["std"], cfg.backbone.channels)
     else:
-        norm = Normalisation(*_normalisation(data.mean, data.std, cfg.backbone.channels))
+        norm = Normalisation.for_channels(data.mean, data.std, cfg.backbone.channels)
     model, backbone = build_model(cfg, num_classes=data.num_classes, data_channels=data.channels, normalisation=norm)
     load_backbone_state(backbone, read_weights_file(cfg.paths.weights), source=cfg.paths.weights)
     f = cfg.regularisation.freeze
@@ -107,7 +106,7 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
     """Train and log; return the MLflow run id and the fit result."""
     import mlflow
 
-    from transferlab.tracking.run import flatten, lineage_tags, open_run, write_run_file
+    from transferlab.tracking.run import lineage_tags, open_run, write_run_file
 
     seed_everything(cfg.seed)
     configure_threads(cfg.trainer.num_threads)
@@ -197,16 +196,16 @@ def _log_setup(cfg: ExperimentConfig, a: Assembled, data: PreparedData, model_di
     mlflow.log_dict(a.weights_meta, "config/weights.json")
     mlflow.log_dict(data.meta, "config/data.json")
     rows = layer_rows(a)
+    with open(model_dir / "layers.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    mlflow.log_artifact(str(model_dir / "layers.csv"), artifact_path="model_info")
     example = data.splits["val"].images[:1].to(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
-        with open(tmp_dir / "layers.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
         text = summary_text(a.model, example) + "\n\nParameter groups\n" + describe_groups(a.groups) + "\n"
         (tmp_dir / "summary.txt").write_text(text)
-        mlflow.log_artifact(str(tmp_dir / "layers.csv"), artifact_path="model_info")
         mlflow.log_artifact(str(tmp_dir / "summary.txt"), artifact_path="model_info")
         if cfg.tracking.log_graph:
             try:
@@ -217,12 +216,6 @@ def _log_setup(cfg: ExperimentConfig, a: Assembled, data: PreparedData, model_di
                     mlflow.log_artifact(str(dot), artifact_path="model_info")
             except Exception as err:  # drawing must never cost the run
                 print(f"finetune: warning: could not draw the model graph: {err}")
-    (model_dir / "layers.csv").write_text(_rows_csv(rows))
-
-
-def _rows_csv(rows: list[dict[str, Any]]) -> str:
-    head = ",".join(rows[0])
-    return "\n".join([head] + [",".join(str(r[k]) for k in rows[0]) for r in rows]) + "\n"
 
 
 def _write_history(result: FitResult, path: Path) -> None:

@@ -30,7 +30,7 @@ from transferlab.training.runtime import configure_threads, resolve_device, seed
 def train_source_task(cfg: ExperimentConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """Train backbone + linear head on the source classes; keep the backbone."""
     data = load_prepared(Path(cfg.paths.prepared) / "source")
-    norm = Normalisation(*_normalisation(data.mean, data.std, cfg.backbone.channels))
+    norm = Normalisation.for_channels(data.mean, data.std, cfg.backbone.channels)
     source_cfg = _source_task_config(cfg)
     model, backbone = build_model(source_cfg, num_classes=data.num_classes, data_channels=data.channels,
                                   normalisation=norm)
@@ -59,15 +59,6 @@ def _source_task_config(cfg: ExperimentConfig) -> ExperimentConfig:
     from transferlab.config.schema import HeadConfig, RegularisationConfig
 
     return replace(cfg, head=HeadConfig(name="linear"), regularisation=RegularisationConfig())
-
-
-def _normalisation(mean: list[float], std: list[float], channels: int) -> tuple[list[float], list[float]]:
-    """Data statistics for the channels the backbone sees (grey data repeated to RGB)."""
-    if len(mean) == channels:
-        return list(mean), list(std)
-    if len(mean) == 1:
-        return mean * channels, std * channels
-    return [sum(mean) / len(mean)], [sum(std) / len(std)]
 
 
 def run(cfg: ExperimentConfig) -> dict[str, Any]:
