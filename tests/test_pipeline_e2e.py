@@ -120,8 +120,16 @@ def test_dvc_repro_then_up_to_date(project: Path) -> None:
 def test_hydra_multirun_sweep(project: Path) -> None:
     proc = run(["python", "-m", "transferlab", "-m", "regularisation.dropout.hidden=0.1,0.3,0.5",
                 "trainer.epochs=3", "pretrain.epochs=2", "trainer.progress=false"], project)
-    runs = _runs(project)
+    everything = _runs(project)
+    (parent,) = [r for r in everything if r.data.tags.get("stage") == "sweep"]
+    runs = [r for r in everything if r is not parent]
     assert len(runs) == 3, proc.stdout[-2000:]
+    # One parent run per sweep, each job nested under it.
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert parent.data.tags["sweep"] == runs[0].data.tags["sweep"]
+    assert parent.data.metrics["jobs"] == 3
+    assert parent.data.metrics["best_test_acc"] == max(r.data.metrics["test_acc"] for r in runs)
     assert {r.data.params["regularisation.dropout.hidden"] for r in runs} == {"0.1", "0.3", "0.5"}
     assert len({r.data.tags["sweep"] for r in runs}) == 1
     assert sorted(r.data.tags["sweep_job"] for r in runs) == ["0", "1", "2"]
@@ -136,3 +144,11 @@ def test_hydra_multirun_sweep(project: Path) -> None:
     (project / "data" / "prepared" / "target").symlink_to(cache / "target")
     r = runs[0]
     assert _model_accuracy(client, r.info.run_id, project) == pytest.approx(r.data.metrics["test_acc"])
+
+
+def test_a_bad_value_in_a_sweep_fails_before_any_job(project: Path) -> None:
+    proc = run(["python", "-m", "transferlab", "-m", "regularisation.dropout.hidden=0.1,1.5",
+                "backbone=small_cnn,resnet18"], project, check=False)
+    assert proc.returncode == 2
+    assert "regularisation.dropout.hidden: must be a probability in [0, 1), got 1.5" in proc.stderr
+    assert not (project / "outputs").exists() and not (project / "mlflow.db").exists()

@@ -31,15 +31,25 @@ def main() -> None:
         raise SystemExit(2)
     overrides = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a]
     guarded(lambda: check_override_keys(overrides, _groups(conf_dir)))
-    if all(not a.startswith("-") for a in sys.argv[1:]):
+    flags = [a for a in sys.argv[1:] if a.startswith("-")]
+    if not flags:
         # A single run: validate before Hydra creates its run folder, so a bad value leaves nothing behind.
         guarded(lambda: _validate_composition(overrides, conf_dir))
+    elif set(flags) <= {"-m", "--multirun"}:
+        # A sweep: validate every job's config before the first job starts.
+        guarded(lambda: _validate_sweep(overrides, conf_dir))
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir), config_name="config")
     def app(cfg: DictConfig) -> float:
         return guarded_experiment(cfg)
 
-    app()
+    from transferlab.tracking.sweep import close_sweep
+
+    try:
+        app()
+    except BaseException:
+        close_sweep("FAILED")  # a failed job stops the sweep: its parent run must not stay RUNNING
+        raise
 
 
 def _validate_composition(overrides: list[str], conf_dir: Path) -> None:
@@ -54,6 +64,24 @@ def _validate_composition(overrides: list[str], conf_dir: Path) -> None:
     except (HydraException, OmegaConfBaseException):
         return  # Hydra reports its own composition errors (with the available options) next
     load_config(params)
+
+
+MAX_PRECHECKED_JOBS = 256
+
+
+def _validate_sweep(overrides: list[str], conf_dir: Path) -> None:
+    """Compose and check each job of a basic sweep (comma lists, ranges)."""
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError:  # Hydra internals moved: the jobs still validate themselves
+        return
+    try:
+        jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+    except Exception:
+        return  # Hydra reports bad override syntax itself
+    for job in jobs[:MAX_PRECHECKED_JOBS]:
+        _validate_composition(list(job), conf_dir)
 
 
 def guarded_experiment(cfg: "DictConfig") -> float:  # noqa: F821
@@ -77,8 +105,13 @@ def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
     out = Path(hc.runtime.output_dir)
     tags = {"launcher": "hydra", "overrides": " ".join(hc.overrides.task) or "(none)"}
     if hc.mode == RunMode.MULTIRUN:
+        from transferlab.tracking.sweep import parent_run_id
+
         sweep = Path(hc.sweep.dir).name
         tags.update({"sweep": sweep, "sweep_dir": str(hc.sweep.dir), "sweep_job": str(hc.job.num)})
+        parent = parent_run_id(hc.sweep.dir)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
         if exp.tracking.run_name is None:
             exp.tracking.run_name = f"sweep-{sweep}-{hc.job.num}"
     exp = with_output_dir(exp, out)
