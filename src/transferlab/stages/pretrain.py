@@ -8,7 +8,6 @@ source, the load report and the preprocessing the weights expect. For
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
