@@ -13,12 +13,28 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from transferlab.data import DataError
     from transferlab.models.heads import HeadError
     from transferlab.models.weights import WeightsError
+    from transferlab.tracking.preflight import TrackingError
     from transferlab.training.freezing import FreezeError
 
-    return ConfigError, DataError, HeadError, WeightsError, FreezeError, FloatingPointError
+    return ConfigError, DataError, HeadError, WeightsError, FreezeError, TrackingError, FloatingPointError
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def handle_sigterm() -> None:
+    """SIGTERM (``kill``, SLURM, ``dvc queue kill``) unwinds like Ctrl-C: runs end
+    KILLED with their checkpoint logged instead of being left RUNNING."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def guarded(main: Callable[[], None]) -> None:
+    handle_sigterm()
     try:
         main()
     except user_errors() as err:

@@ -1,0 +1,16 @@
+"""Tracking checks that run before any work: the store, the server, the URIs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transferlab.config.schema import ExperimentConfig
+
+
+class TrackingError(ValueError):
+    """A tracking store or server that cannot be used; the message says which and why."""
+
+
+def check_tracking(cfg: "ExperimentConfig") -> None:
+    """Fail fast, before any stage does work, on a tracking setup that cannot work."""
