@@ -24,6 +24,7 @@ __all__ = [
     "load_source",
     "read_image_folder",
     "register_source",
+    "source_class_names",
 ]
 
 
@@ -124,6 +125,32 @@ def load_source(
     if image_size is not None and images.shape[2:] != (image_size, image_size):
         images = resize_images(images, image_size)
     return RawDataset(images=images, labels=raw.labels, class_names=raw.class_names, source=name)
+
+
+# Class names of each source, known without reading an image: checks that need
+# them (unknown classes, head sizes) run before any work.
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def source_class_names(name: str, *, root: str | Path = "data/raw", path: str | Path | None = None) -> list[str]:
+    """The class names ``load_source(name, ...)`` would give, from metadata or a folder listing."""
+    if name == "digits":
+        return [str(i) for i in range(10)]
+    if name == "mnist":
+        from torchvision.datasets import MNIST
+
+        return list(MNIST.classes)
+    if name == "fashion_mnist":
+        from torchvision.datasets import FashionMNIST
+
+        return list(FashionMNIST.classes)
+    if name == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if name == "imagefolder":
+        if path is None:
+            raise DataError("Source 'imagefolder' needs path=<folder with one subfolder per class>")
+        return _scan_image_folder(Path(path))[0]
+    raise DataError(f"Unknown data source '{name}'; expected one of {list_sources()}")
 
 
 # --------------------------------------------------------------------------- conversions
