@@ -3,6 +3,7 @@ Real files written to tmp_path; no network is needed (or used when there is none
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from transferlab.models.weights import (
     check_weights_spec,
     kind_of,
     load_backbone_state,
+    read_hub_checkpoint,
     read_weights_file,
     read_weights_meta,
     save_weights,
+    torchvision_preprocessing,
     torchvision_state_dict,
     torchvision_weight_names,
 )
@@ -212,22 +215,104 @@ def test_torchvision_weights_offline_says_where_to_put_the_file(tmp_path: Path,
     assert not (checkpoints / "resnet18-f37072fd.pth").exists()
 
 
-def test_torchvision_weights_from_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file placed where the offline message says is used without any download."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
+def _named_by_hash(directory: Path, stem: str, payload: bytes) -> Path:
+    """A hub-cache style file whose name carries the SHA-256 prefix of its content."""
+    import hashlib
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stem}-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    path.write_bytes(payload)
+    return path
+
+
+def _saved(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: D105
+        return (Path.touch, (self.marker,))
+
+
+def test_hub_file_whose_hash_matches_its_name_loads(tmp_path: Path) -> None:
     torch.manual_seed(6)
     state = torchvision.models.mobilenet_v3_small(weights=None).state_dict()
-    torch.save(state, checkpoints / "mobilenet_v3_small-047dcff4.pth")
-    loaded, meta = torchvision_state_dict("mobilenet_v3_small", "IMAGENET1K_V1")
+    path = _named_by_hash(tmp_path / "checkpoints", "mobilenet_v3_small", _saved(state))
+    loaded = read_hub_checkpoint(path)
     assert set(loaded) == set(state) and torch.equal(loaded["features.0.0.weight"], state["features.0.0.weight"])
-    assert meta == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "input_size": 224,
-                    "weights": "MobileNet_V3_Small_Weights.IMAGENET1K_V1"}
     backbone = create_backbone("mobilenet_v3_small", channels=3, input_size=32)
     report = load_backbone_state(backbone, loaded, source="IMAGENET1K_V1")
     assert sorted(report.ignored) == ["classifier.3.bias", "classifier.3.weight"]
     assert report.missing == [] and report.unexpected == []
+
+
+def test_hub_file_with_the_wrong_hash_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain state dict at the cache path of resnet18's weights, but not the published file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), checkpoints / "resnet18-f37072fd.pth")
+    with pytest.raises(WeightsError) as caught:
+        torchvision_state_dict("resnet18", "DEFAULT")
+    assert str(checkpoints / "resnet18-f37072fd.pth") in str(caught.value)
+    assert "SHA-256" in str(caught.value) and "f37072fd" in str(caught.value)
+
+
+def test_crafted_pickle_in_the_hub_cache_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At resnet18's cache path the hash refuses it; named with its own hash, weights_only does."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    marker = tmp_path / "payload-ran"
+    crafted = _saved({"fc.weight": _Payload(marker)})
+    (checkpoints / "resnet18-f37072fd.pth").write_bytes(crafted)
+    with pytest.raises(WeightsError, match="SHA-256"):
+        torchvision_state_dict("resnet18", "DEFAULT")
+    own_hash = _named_by_hash(tmp_path / "elsewhere", "resnet18", crafted)
+    with pytest.raises(WeightsError, match="Refused to load"):
+        read_hub_checkpoint(own_hash)
+    assert not marker.exists()
+
+
+def test_app_refuses_a_crafted_pickle_in_the_hub_cache(tmp_path: Path) -> None:
+    """The user's path: `python -m transferlab backbone=resnet18 backbone.weights=DEFAULT` with a
+    payload placed where the offline error tells users to put the file."""
+    import pickle
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    marker = tmp_path / "payload-ran"
+    (checkpoints / "resnet18-f37072fd.pth").write_bytes(
+        pickle.dumps({"fc.weight": _Payload(marker)}, protocol=2))
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferlab", "backbone=resnet18", "backbone.weights=DEFAULT",
+         "trainer.epochs=1", "tracking.log_graph=false", "tracking.log_model=false"],
+        cwd=tmp_path, env=subprocess_env(TORCH_HOME=str(tmp_path / "torch")), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "resnet18-f37072fd.pth" in proc.stderr and "SHA-256" in proc.stderr
+    assert not marker.exists()
+
+
+def test_torchvision_preprocessing_follows_the_weights() -> None:
+    assert torchvision_preprocessing("mobilenet_v3_small", "IMAGENET1K_V1") == {
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "input_size": 224,
+        "weights": "MobileNet_V3_Small_Weights.IMAGENET1K_V1"}
+    inception = torchvision_preprocessing("inception_v3", "DEFAULT")
+    assert inception["input_size"] == 299 and inception["mean"] == [0.5] * 3
 
 
 # --------------------------------------------------------------------------- check_weights_spec

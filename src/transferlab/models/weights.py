@@ -86,31 +86,78 @@ class LoadReport:
 
 
 def torchvision_state_dict(backbone: str, spec: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Fetch torchvision weights (or read them from torch's hub cache).
+    """Torchvision weights from torch's hub cache, downloaded there first when missing.
 
     Returns the state dict and the preprocessing the weights were trained with.
     """
     import torchvision
 
     weights = torchvision.models.get_model_weights(backbone)[spec]
-    filename = weights.url.rsplit("/", 1)[-1]
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    path = hub_checkpoint(weights.url, what=f"{weights} for {backbone}")
+    return read_hub_checkpoint(path), torchvision_preprocessing(backbone, spec)
+
+
+def hub_checkpoint(url: str, *, what: str) -> Path:
+    """The cached file for ``url`` under ``$TORCH_HOME/hub/checkpoints``, downloaded
+    (hash-checked by torch) when missing."""
+    filename = url.rsplit("/", 1)[-1]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        state = weights.get_state_dict(progress=False, check_hash=False)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=_hash_prefix(path), progress=False)
     except Exception as err:  # urllib/socket errors differ by platform and Python version
         raise WeightsError(
-            f"Could not get {weights} for {backbone} from {weights.url} ({type(err).__name__}: {err}). "
-            f"Offline? Download that file elsewhere and put it at {cache / filename} "
+            f"Could not get {what} from {url} ({type(err).__name__}: {err}). "
+            f"Offline? Download that file elsewhere and put it at {path} "
             "(or point TORCH_HOME at a folder whose hub/checkpoints/ holds it), then run again."
         ) from None
+    return path
+
+
+def _hash_prefix(path: Path) -> str | None:
+    """The SHA-256 prefix torchvision puts in its file names (``resnet18-f37072fd.pth``)."""
+    match = torch.hub.HASH_REGEX.search(path.name)
+    return match.group(1) if match else None
+
+
+def read_hub_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A hub-cache file, refused unless its SHA-256 matches the prefix in its name.
+
+    torch.hub checks the hash only while downloading, and torchvision loads the
+    cached file as a full pickle: a file someone placed in the cache could run
+    code. Here every read checks the hash, then loads tensors only.
+    """
+    import hashlib
+
+    path = Path(path)
+    prefix = _hash_prefix(path)
+    if prefix:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(prefix):
+            raise WeightsError(
+                f"Refused {path}: its SHA-256 starts with {digest.hexdigest()[:len(prefix)]}, but its name "
+                f"says {prefix}. The file is damaged or not the published one; delete it and download it again."
+            )
+    return read_weights_file(path)
+
+
+def torchvision_preprocessing(backbone: str, spec: str) -> dict[str, Any]:
+    """Mean, std and crop size of the transforms torchvision's weights ``spec`` were trained with."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(backbone)[spec]
     transforms = weights.transforms()
     mean, std = list(transforms.mean), list(transforms.std)
     if backbone == "inception_v3":
         # Its weights were trained on (x - 0.5) / 0.5, which torchvision's
         # `transform_input` recreates from ImageNet-normalised input.
         mean, std = [0.5] * 3, [0.5] * 3
-    meta = {"mean": mean, "std": std, "input_size": int(transforms.crop_size[0]), "weights": str(weights)}
-    return state, meta
+    return {"mean": mean, "std": std, "input_size": int(transforms.crop_size[0]), "weights": str(weights)}
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
