@@ -132,7 +132,7 @@ def test_every_group_option_composes_and_validates(group: str, option: str, tmp_
     params = _compose(*overrides)
     expected = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
     if option == "imagefolder":
-        expected["path"] = str(tmp_path)
+        expected["path"] = expected["inputs"] = str(tmp_path)  # inputs follows path
     assert params[group] == expected
     load_config(params)
 

@@ -183,6 +183,48 @@ def test_imagefolder_corrupt_file_is_named(image_folder: Path) -> None:
     assert str(bad) in str(info.value)
 
 
+def test_imagefolder_faults_are_reported_all_at_once(image_folder: Path) -> None:
+    good = (image_folder / "cat" / "a.png").read_bytes()
+    broken = [image_folder / "cat" / "half.png", image_folder / "dog" / "junk.jpg"]
+    broken[0].write_bytes(good[: len(good) // 2])
+    broken[1].write_bytes(b"not a jpeg at all")
+    for channels in (None, 3):  # the header pass (channel detection) and the decode pass
+        with pytest.raises(DataError) as info:
+            load_source("imagefolder", root=".", path=image_folder, image_size=8, channels=channels)
+        message = str(info.value)
+        assert f"in {image_folder}" in message
+        # junk.jpg fails at the header; half.png only when decoded
+        expected = broken[1:] if channels is None else broken
+        assert f"Cannot read {len(expected)} image(s)" in message
+        assert all(str(file) in message for file in expected), message
+    for name in ("bird", "fish"):
+        (image_folder / name).mkdir()
+    with pytest.raises(DataError, match=r"2 class folder\(s\) hold no images: \['bird', 'fish'\]"):
+        load_source("imagefolder", root=".", path=image_folder, image_size=8)
+
+
+def test_too_small_classes_are_named_all_at_once(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    for cls, n in (("apple", 2), ("pear", 5), ("plum", 1)):
+        for i in range(n):
+            _save(root / cls / f"{i}.png", Image.new("L", (4, 4), i * 20))
+    raw = load_source("imagefolder", root=".", path=root, image_size=4)
+    with pytest.raises(DataError, match=r"too few samples: 'apple' \(2\), 'plum' \(1\)"):
+        prepare_dataset(raw, classes=None, max_per_class=None, val_fraction=0.2, test_fraction=0.2, seed=0)
+
+
+def test_folder_fingerprint_follows_the_listing(image_folder: Path) -> None:
+    from transferlab.data.sources import folder_fingerprint
+
+    before = folder_fingerprint(image_folder)
+    assert folder_fingerprint(image_folder) == before
+    extra = _save(image_folder / "cat" / "new.png", Image.new("L", (4, 4)))
+    added = folder_fingerprint(image_folder)
+    assert added != before
+    extra.unlink()
+    assert folder_fingerprint(image_folder) == before
+
+
 @pytest.mark.parametrize("problem", ["missing", "one_class", "empty_class", "no_size"])
 def test_imagefolder_bad_layouts(tmp_path: Path, problem: str) -> None:
     root = tmp_path / "imgs"
@@ -258,7 +300,7 @@ def test_stratified_split_small_classes() -> None:
         assert (labels[parts[name]] == 0).sum() == 1  # 3 samples: one everywhere
     no_val = stratified_split(labels, val_fraction=0.0, test_fraction=0.5, seed=0)
     assert no_val["val"].size == 0
-    with pytest.raises(DataError, match="Class 1 has 2 sample"):
+    with pytest.raises(DataError, match=r"too few samples: 1 \(2\); at least 3"):
         stratified_split(np.array([0, 0, 0, 1, 1]), val_fraction=0.2, test_fraction=0.2, seed=0)
     with pytest.raises(DataError, match="below 1"):
         stratified_split(labels, val_fraction=0.5, test_fraction=0.5, seed=0)

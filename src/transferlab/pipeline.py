@@ -18,9 +18,12 @@ from transferlab.config.schema import ExperimentConfig, PathsConfig
 
 
 def prepared_key(cfg: ExperimentConfig) -> str:
-    """Everything the prepare stage's output depends on."""
+    """Everything the prepare stage's output depends on, the listing of the files it reads included."""
+    from transferlab.data.sources import folder_fingerprint
+
     key = {"data": asdict(cfg.data), "seed": cfg.seed, "source": cfg.backbone.weights == "source",
-           "pretrain": [cfg.pretrain.classes, cfg.pretrain.max_per_class]}
+           "pretrain": [cfg.pretrain.classes, cfg.pretrain.max_per_class],
+           "inputs": folder_fingerprint(cfg.data.inputs)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -19,6 +19,9 @@ class DataConfig:
     source: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | imagefolder
     root: str = "data/raw"  # where torchvision datasets are (or get downloaded)
     path: Optional[str] = None  # imagefolder: one subfolder per class
+    # What prepare reads from disk, a DVC dependency of stage prepare (dvc.yaml): the image
+    # folder, or the loader code for built-in sources. Set by the data group.
+    inputs: Optional[str] = "src/transferlab/data/sources.py"
     image_size: Optional[int] = None  # resize once at prepare time (imagefolder needs it)
     channels: Optional[int] = None  # 1 or 3; null keeps the source's
     classes: Optional[List[str]] = None  # names (or indices) of the target classes; null = all

@@ -52,6 +52,9 @@ class PreparedData:
     mean: list[float]  # per channel, [0, 1] scale, train split only
     std: list[float]
     meta: dict[str, Any] = field(default_factory=dict)
+    # Per split, the indices into the RawDataset it was prepared from (not saved):
+    # what keeps one task's held-out images out of another task.
+    raw_indices: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -102,7 +105,8 @@ def prepare_dataset(
     capped = cap_per_class(labels, max_per_class, seed)
     kept, labels = kept[capped], labels[capped]
     parts = stratified_split(
-        labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        class_names=class_names,
     )
 
     splits = {
@@ -119,6 +123,7 @@ def prepare_dataset(
         class_names=class_names,
         mean=mean,
         std=std,
+        raw_indices={name: kept[idx] for name, idx in parts.items()},
         meta={
             "source": raw.source,
             "image_size": [int(height), int(width)],

@@ -6,6 +6,7 @@ a source only turns files into one uint8 ``[N, C, H, W]`` array and int64 labels
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from PIL import Image, ImageOps
 __all__ = [
     "DataError",
     "IMAGE_EXTENSIONS",
+    "allocate_images",
+    "folder_fingerprint",
     "RawDataset",
     "SOURCES",
     "list_sources",
@@ -167,7 +170,7 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
     if have == 1 and channels == 3:
         return np.repeat(images, 3, axis=1)
     if have == 3 and channels == 1:
-        out = np.empty((images.shape[0], 1, *images.shape[2:]), dtype=np.uint8)
+        out = allocate_images(images.shape[0], 1, *images.shape[2:])
         for start in range(0, images.shape[0], _CHUNK):
             chunk = images[start : start + _CHUNK].astype(np.float32)
             grey = np.tensordot(_LUMA, chunk, axes=([0], [1]))  # [n, H, W]
@@ -179,7 +182,7 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of uint8 NCHW to ``size x size``; antialiased so shrinking doesn't alias."""
     n, c = images.shape[:2]
-    out = np.empty((n, c, size, size), dtype=np.uint8)
+    out = allocate_images(n, c, size, size)
     for start in range(0, n, _CHUNK):
         chunk = torch.from_numpy(images[start : start + _CHUNK]).float()
         resized = F.interpolate(
@@ -300,6 +303,10 @@ def _visible(entry: Path) -> bool:
 
 
 def _scan_image_folder(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (the subfolder names, sorted) and (file, label) pairs.
+
+    Every empty class folder is reported in one error, so one fix-and-rerun is enough.
+    """
     if not path.is_dir():
         raise DataError(f"Image folder {path} does not exist or is not a directory")
     class_dirs = sorted(
@@ -312,6 +319,7 @@ def _scan_image_folder(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             f"{[d.name for d in class_dirs]}; expected at least 2 (one per class)"
         )
     files: list[tuple[Path, int]] = []
+    empty: list[str] = []
     for label, class_dir in enumerate(class_dirs):
         found = sorted(
             entry
@@ -319,12 +327,46 @@ def _scan_image_folder(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             if _visible(entry) and entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS
         )
         if not found:
-            raise DataError(
-                f"Class folder {class_dir} holds no images; expected files ending in "
-                f"{sorted(IMAGE_EXTENSIONS)} (any case)"
-            )
+            empty.append(class_dir.name)
         files.extend((file, label) for file in found)
+    if empty:
+        raise DataError(
+            f"Image folder {path}: {len(empty)} class folder(s) hold no images: {empty}; "
+            f"expected files ending in {sorted(IMAGE_EXTENSIONS)} (any case)"
+        )
     return [d.name for d in class_dirs], files
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """A digest of a folder's listing: every file's relative path, size and modification time.
+
+    Changes when files are added, deleted, replaced or edited; cheap (no file is read).
+    """
+    root = Path(path)
+    digest = hashlib.sha256()
+    if not root.exists():
+        return "missing"
+    entries = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for file in entries:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def allocate_images(n: int, channels: int, height: int, width: int) -> np.ndarray:
+    """An empty uint8 [n, C, H, W] array; MemoryError says how many bytes did not fit."""
+    try:
+        return np.empty((n, channels, height, width), dtype=np.uint8)
+    except MemoryError:
+        raise MemoryError(f"{n:,} images of {channels}x{height}x{width} need "
+                          f"{n * channels * height * width / 1e9:.1f} GB as uint8") from None
+
+
+def _report_faults(path: Path, faults: list[str]) -> None:
+    """One error naming every file of the folder that could not be read."""
+    if faults:
+        listed = "\n  ".join(faults)
+        raise DataError(f"Cannot read {len(faults)} image(s) in {path}:\n  {listed}")
 
 
 def _to_8bit_grey(image: Image.Image) -> Image.Image:
@@ -374,13 +416,25 @@ def read_image_folder(path: Path, *, image_size: int, channels: int | None = Non
 
     Class names are the sorted subfolder names; hidden entries and files with other
     extensions are skipped. ``channels=None`` gives 1 channel when every image is
-    greyscale and 3 otherwise.
+    greyscale and 3 otherwise. Every file that cannot be read is named in one error.
     """
     class_names, files = _scan_image_folder(path)
+    faults: list[str] = []
     if channels is None:
-        channels = 1 if all(_is_grey(_header_mode(file)) for file, _ in files) else 3
-    images = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
+        modes = []
+        for file, _label in files:
+            try:
+                modes.append(_header_mode(file))
+            except DataError as err:
+                faults.append(str(err))
+        _report_faults(path, faults)
+        channels = 1 if all(_is_grey(mode) for mode in modes) else 3
+    images = allocate_images(len(files), channels, image_size, image_size)
     for i, (file, _label) in enumerate(files):
-        images[i] = _decode(file, image_size, channels)
+        try:
+            images[i] = _decode(file, image_size, channels)
+        except DataError as err:
+            faults.append(str(err))
+    _report_faults(path, faults)
     labels = np.array([label for _file, label in files], dtype=np.int64)
     return RawDataset(images=images, labels=labels, class_names=class_names)

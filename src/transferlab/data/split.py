@@ -121,14 +121,8 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def _split_sizes(cls: int, n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
     """(n_val, n_test) for a class of n samples; train keeps the rest, at least one."""
-    needed = 1 + (val_fraction > 0) + (test_fraction > 0)
-    if n < needed:
-        raise DataError(
-            f"Class {cls} has {n} sample(s); at least {needed} are needed to put one in each of "
-            f"train{', val' if val_fraction > 0 else ''}{', test' if test_fraction > 0 else ''}"
-        )
     n_val = max(1, _round_half_up(n * val_fraction)) if val_fraction > 0 else 0
     n_test = max(1, _round_half_up(n * test_fraction)) if test_fraction > 0 else 0
     # Rounding up both can leave train empty; take back from the larger held-out split.
@@ -141,13 +135,19 @@ def _split_sizes(cls: int, n: int, val_fraction: float, test_fraction: float) ->
 
 
 def stratified_split(
-    labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int
+    labels: np.ndarray,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    class_names: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Split indices into disjoint ascending 'train'/'val'/'test' arrays covering all samples.
 
     Each class is split on its own with sizes rounded per class, so class proportions
     match in every split; any split with a nonzero fraction gets at least one sample
-    of every class.
+    of every class. Classes too small for that are all named (by ``class_names``
+    when given) in one error.
     """
     labels = _check_labels(labels)
     val_fraction = _check_fraction("val_fraction", val_fraction)
@@ -160,9 +160,22 @@ def stratified_split(
     if labels.size == 0:
         raise DataError("Cannot split an empty dataset")
     rng = _rng(seed)
+    groups = _by_class(labels)
+    needed = 1 + (val_fraction > 0) + (test_fraction > 0)
+    small = [
+        f"{class_names[cls] if class_names is not None else cls!r} ({group.size})"
+        for cls, group in groups
+        if group.size < needed
+    ]
+    if small:
+        raise DataError(
+            f"Class(es) with too few samples: {', '.join(small)}; at least {needed} are needed "
+            f"to put one in each of train{', val' if val_fraction > 0 else ''}"
+            f"{', test' if test_fraction > 0 else ''}"
+        )
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
-    for cls, group in _by_class(labels):
-        n_val, n_test = _split_sizes(cls, group.size, val_fraction, test_fraction)
+    for _cls, group in groups:
+        n_val, n_test = _split_sizes(group.size, val_fraction, test_fraction)
         shuffled = rng.permutation(group)
         parts["test"].append(shuffled[:n_test])
         parts["val"].append(shuffled[n_test : n_test + n_val])

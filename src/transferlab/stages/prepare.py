@@ -9,9 +9,11 @@ Later stages never decode an image file again.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig
@@ -27,9 +29,15 @@ def one_vs_rest(raw: RawDataset, positive: str) -> RawDataset:
     return RawDataset(raw.images, labels, [f"not_{positive}", positive], source=raw.source)
 
 
+def subset(raw: RawDataset, keep: np.ndarray) -> tuple[RawDataset, np.ndarray]:
+    """The images at boolean mask ``keep``, and their indices in ``raw``."""
+    return RawDataset(raw.images[keep], raw.labels[keep], raw.class_names, source=raw.source), np.flatnonzero(keep)
+
+
 def build_task(raw: RawDataset, cfg: ExperimentConfig, *, classes: list[str] | None,
                max_per_class: int | None, positive: str | None, key: str) -> PreparedData:
-    """The prepared task; errors name the config key (``key``) that chose the classes."""
+    """The prepared task, its ``raw_indices`` pointing into ``raw``; errors name the config
+    key (``key``) that chose the classes."""
     try:
         return _build_task(raw, cfg, classes=classes, max_per_class=max_per_class, positive=positive)
     except DataError as err:
@@ -38,26 +46,61 @@ def build_task(raw: RawDataset, cfg: ExperimentConfig, *, classes: list[str] | N
 
 def _build_task(raw: RawDataset, cfg: ExperimentConfig, *, classes: list[str] | None,
                 max_per_class: int | None, positive: str | None) -> PreparedData:
+    index = np.arange(len(raw))
     if positive is not None:
         if classes is not None:
-            keep = np.isin(raw.labels, [raw.class_names.index(c) for c in classes if c in raw.class_names])
-            raw = RawDataset(raw.images[keep], raw.labels[keep], raw.class_names, source=raw.source)
+            raw, index = subset(raw, np.isin(raw.labels, [raw.class_names.index(c) for c in classes
+                                                            if c in raw.class_names]))
         raw = one_vs_rest(raw, positive)
         classes = None
-    return prepare_dataset(raw, classes=classes, max_per_class=max_per_class,
+    data = prepare_dataset(raw, classes=classes, max_per_class=max_per_class,
                            val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+    data.raw_indices = {name: index[idx] for name, idx in (data.raw_indices or {}).items()}
+    return data
+
+
+def _target_class_names(raw: RawDataset, d) -> set[str]:
+    """The raw classes the target task draws images from (all of them for one-vs-rest)."""
+    if d.classes is None:
+        return set(raw.class_names)
+    return {raw.class_names[c] if isinstance(c, int) and c < len(raw.class_names) else str(c) for c in d.classes}
+
+
+def build_source_task(raw: RawDataset, cfg: ExperimentConfig, target: PreparedData) -> PreparedData:
+    """The pretraining task, from ``raw`` less the target's validation and test images:
+    pretraining must never see what the fine-tuned model is selected and scored on."""
+    held_out = np.concatenate([target.raw_indices["val"], target.raw_indices["test"]])
+    source_classes = (set(raw.class_names) if cfg.pretrain.classes is None else
+                      {raw.class_names[c] if isinstance(c, int) and c < len(raw.class_names) else str(c)
+                       for c in cfg.pretrain.classes})
+    shared = sorted(source_classes & _target_class_names(raw, cfg.data))
+    if shared:
+        print(f"warning: pretrain.classes and the target task share classes {shared}: pretraining uses "
+              f"their target training images only, never the target's {len(held_out)} validation and "
+              "test images", file=sys.stderr)
+    keep = np.ones(len(raw), dtype=bool)
+    keep[held_out] = False
+    return build_task(subset(raw, keep)[0], cfg, classes=cfg.pretrain.classes,
+                      max_per_class=cfg.pretrain.max_per_class, positive=None, key="pretrain.classes")
 
 
 def run(cfg: ExperimentConfig) -> dict[str, PreparedData]:
+    try:
+        return _run(cfg)
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        reason = str(err).splitlines()[0] if str(err) else "an allocation failed"
+        raise DataError(f"prepare: out of memory: {reason}; lower data.image_size, or prepare fewer images "
+                        "(data.classes) on a machine with more memory") from None
+
+
+def _run(cfg: ExperimentConfig) -> dict[str, PreparedData]:
     d = cfg.data
     raw = load_source(d.source, root=d.root, path=d.path, image_size=d.image_size, channels=d.channels,
                       download=d.download)
     tasks = {"target": build_task(raw, cfg, classes=d.classes, max_per_class=d.max_per_class,
                                   positive=d.positive_class, key="data.classes")}
     if cfg.backbone.weights == "source":
-        tasks["source"] = build_task(raw, cfg, classes=cfg.pretrain.classes,
-                                     max_per_class=cfg.pretrain.max_per_class, positive=None,
-                                     key="pretrain.classes")
+        tasks["source"] = build_source_task(raw, cfg, tasks["target"])
     out = Path(cfg.paths.prepared)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in tasks.items():

@@ -1,0 +1,120 @@
+"""DVC workflows with real dvc in a temporary git repo: changed image folders re-prepare,
+dvc.lock is byte-stable, queued and temporary experiments land in the project's MLflow store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run
+
+pytestmark = pytest.mark.slow
+
+TINY = ["trainer.epochs=1", "pretrain.epochs=1", "backbone.width=8", "tracking.log_graph=false",
+        "tracking.log_model=false"]
+
+
+def _images(folder: Path, cls: str, start: int, n: int) -> None:
+    (folder / cls).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), "L").save(folder / cls / f"{i:03d}.png")
+
+
+def _prepared_count(prepared: Path) -> int:
+    meta = json.loads((prepared / "target" / "meta.json").read_text())["meta"]
+    return sum(meta["counts"].values())
+
+
+def test_adding_images_re_prepares_in_dvc_and_in_the_app(project: Path) -> None:
+    folder = project / "images"  # inside the repo, git-ignored: the user's data
+    for cls in ("cat", "dog"):
+        _images(folder, cls, 0 if cls == "cat" else 100, 10)
+    (project / ".gitignore").write_text((project / ".gitignore").read_text() + "/images/\n")
+    task = ["~experiment", "data=imagefolder", "data.path=images", "data.image_size=8", "backbone.channels=1",
+            "backbone.weights=null", *TINY]
+    run(["python", "-m", "transferlab.compose", *task], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "image folder experiment"], project)
+
+    run(["dvc", "repro", "prepare"], project)
+    assert _prepared_count(project / "data" / "prepared") == 20
+    assert "up to date" in run(["dvc", "status", "prepare"], project).stdout
+    app = ["python", "-m", "transferlab", *task]
+    first = run(app, project)
+    assert "prepare: target" in first.stdout
+
+    _images(folder, "cat", 50, 5)  # 5 new images
+    status = run(["dvc", "status", "prepare"], project).stdout
+    assert "modified:" in status and "images" in status, status
+    repro = run(["dvc", "repro", "prepare"], project)
+    assert "Running stage 'prepare'" in repro.stdout
+    assert _prepared_count(project / "data" / "prepared") == 25
+    second = run(app, project)
+    assert "prepare: target: 2 classes ['cat', 'dog'], " in second.stdout  # re-prepared, not the cache
+    caches = list((project / "outputs" / "cache" / "prepared").iterdir())
+    assert sorted(_prepared_count(c) for c in caches) == [20, 25]
+
+
+def test_dvc_lock_is_byte_stable_across_identical_reruns(project: Path) -> None:
+    """Passes once the tracking helper's changes (run id out of `models`, no train_seconds) are merged."""
+    run(["python", "-m", "transferlab.compose", *TINY], project)
+    run(["dvc", "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "first run"], project)
+    run(["dvc", "repro", "-f"], project)
+    first = (project / "dvc.lock").read_bytes()
+    run(["dvc", "repro", "-f"], project)
+    assert (project / "dvc.lock").read_bytes() == first, run(["git", "diff", "dvc.lock"], project).stdout
+
+
+def _runs(project: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, max_results=1000) if exp_ids else []
+    return [(r, client) for r in runs]
+
+
+def _wait_for_queue(project: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            assert "Failed" not in status, status
+            return
+        time.sleep(2)
+    raise AssertionError(f"queue not done after {timeout} s:\n{status}")
+
+
+def _exp_args(dropout: float) -> list[str]:
+    return ["-S", f"regularisation.dropout.hidden={dropout}", *[a for t in TINY for a in ("-S", t)]]
+
+
+def test_queued_experiments_land_in_the_project_store(project: Path) -> None:
+    """Needs the tracking helper's store resolution (DVC_ROOT): passes after integration."""
+    for dropout in (0.1, 0.2, 0.3):
+        run(["dvc", "exp", "run", "--queue", *_exp_args(dropout)], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    _wait_for_queue(project, timeout=600)
+    runs = _runs(project)
+    assert sorted(r.data.params["regularisation.dropout.hidden"] for r, _ in runs) == ["0.1", "0.2", "0.3"]
+    for r, client in runs:
+        assert r.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1]
+        assert "test_acc" in r.data.metrics
+
+
+def test_temp_experiment_lands_in_the_project_store(project: Path) -> None:
+    """Needs the tracking helper's store resolution (DVC_ROOT): passes after integration."""
+    run(["dvc", "exp", "run", "--temp", *_exp_args(0.4)], project)
+    (r, client), = _runs(project)
+    assert r.data.params["regularisation.dropout.hidden"] == "0.4" and r.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1]
+    assert "test_acc" in r.data.metrics
