@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from transferlab.errors import DataError
+
 __all__ = [
     "DataError",
     "IMAGE_EXTENSIONS",
@@ -26,10 +28,6 @@ __all__ = [
     "register_source",
     "source_class_names",
 ]
-
-
-class DataError(ValueError):
-    """Bad data or data that cannot be had; the message says what and where."""
 
 
 @dataclass
