@@ -231,7 +231,7 @@ def test_unknown_top_level_key() -> None:
 
 def test_num_units_only_on_the_overcomplete_head() -> None:
     assert _error("~experiment", "head=mlp", "head.num_units=5") == \
-        "head.num_units: only the overcomplete head takes num_units"
+        "head.num_units: head 'mlp' takes no 'num_units'; its keys are ['activations', 'hidden', 'init', 'name']"
     load_config(_compose("~experiment", "head=overcomplete", "head.num_units=5"))
 
 

@@ -423,3 +423,16 @@ def test_input_size_resolution(name, configured, weights_size, data_size, expect
     cfg = ExperimentConfig(backbone=BackboneConfig(name=name, input_size=configured))
     assert resolve_input_size(cfg, weights_size=weights_size, data_size=data_size).backbone.input_size == expected
     assert cfg.backbone.input_size == configured  # the input is left alone
+
+
+def test_model_time_resize_is_antialiased_like_prepare() -> None:
+    """Stripes one pixel in four wide, shrunk 4x, keep their mean brightness (as the prepare-time resize
+    gives it); without antialiasing bilinear sampling misses every stripe and returns black."""
+    from transferlab.data.sources import resize_images
+    from transferlab.models.assemble import Preprocess
+
+    board = ((torch.arange(64) % 4 == 0) * 255).to(torch.uint8).expand(1, 1, 64, 64)
+    model_side = Preprocess(1, 1, 16, [0.0], [1.0])(board) * 255
+    prepare_side = torch.from_numpy(resize_images(board.numpy().copy(), 16)).float()
+    assert abs(model_side.mean() - 255 / 4) < 1.0
+    assert (model_side - prepare_side).abs().max() <= 1.0

@@ -6,17 +6,11 @@ import sys
 import argparse
 from typing import Any, Callable
 
-from transferlab.config.validate import ConfigError
+from transferlab.errors import USER_ERRORS
 
 # Errors a user can fix from the message alone; anything else keeps its traceback.
 def user_errors() -> tuple[type[BaseException], ...]:
-    from transferlab.data import DataError
-    from transferlab.models.heads import HeadError
-    from transferlab.models.weights import WeightsError
-    from transferlab.tracking.preflight import TrackingError
-    from transferlab.training.freezing import FreezeError
-
-    return ConfigError, DataError, HeadError, WeightsError, FreezeError, TrackingError, FloatingPointError
+    return USER_ERRORS
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -8,6 +8,7 @@ DVC does the same composition itself on ``dvc exp run -S key=value``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -25,12 +26,37 @@ def compose(overrides: list[str] | None = None, *, config_dir: str | Path = "con
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from hydra.errors import ConfigCompositionException
+
     config_dir = Path(config_dir).resolve()
     if not (config_dir / f"{config_name}.yaml").is_file():
         raise ConfigError(f"no {config_name}.yaml in {config_dir}: run from the project root")
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    except ConfigCompositionException as err:
+        _explain_option_key(err, overrides, config_dir, config_name)
+        raise
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _explain_option_key(err: Exception, overrides: list[str], config_dir: Path, config_name: str) -> None:
+    """Hydra refuses ``optimizer.betas=...`` when the chosen optimizer has no such key; say
+    which choice is in force and the keys it takes (a ConfigError), else leave Hydra's error."""
+    from transferlab.config.validate import check_option_keys
+
+    match = re.match(r"Could not override '([\w.]+)'", str(err))
+    if not match or "." not in match.group(1):
+        return
+    failing = [o for o in overrides if o.partition("=")[0] == match.group(1)]
+    try:
+        params = compose([o for o in overrides if o not in failing], config_dir=config_dir, config_name=config_name)
+    except Exception:  # noqa: BLE001 - the other overrides fail too: Hydra's own error says more
+        return
+    group, _, key = match.group(1).partition(".")
+    if isinstance(params.get(group), dict):
+        check_option_keys(OmegaConf.create({group: {**params[group], key: None}}))
 
 
 def render(params: dict) -> str:

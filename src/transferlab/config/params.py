@@ -26,4 +26,12 @@ def read_params(path: str | Path = "params.yaml") -> ExperimentConfig:
 
 
 def to_container(cfg: ExperimentConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """The config as plain data, each group with only the keys its choice takes (as params.yaml has it)."""
+    from transferlab.config.validate import option_keys
+
+    tree: dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
+    for group, node in tree.items():
+        keys = option_keys(group, node["name"]) if isinstance(node, dict) and "name" in node else None
+        if keys is not None:
+            tree[group] = {k: v for k, v in node.items() if k in keys}
+    return tree

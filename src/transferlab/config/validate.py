@@ -15,16 +15,50 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from transferlab.config.schema import ExperimentConfig
+from transferlab.errors import ConfigError
+
+__all__ = ["ConfigError", "check_override_keys", "load_config", "option_keys", "validate"]
 
 
-class ConfigError(ValueError):
-    """An invalid experiment config; the message names the key and what is allowed."""
+def option_registries() -> dict[str, Any]:
+    """The config groups whose choices (``<group>.name``) take keys of their own."""
+    from transferlab.models.backbones import BACKBONES
+    from transferlab.models.heads import HEADS
+    from transferlab.training.optim import OPTIMIZERS, SCHEDULERS
+
+    return {"backbone": BACKBONES, "head": HEADS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
+
+
+def option_keys(group: str, name: str) -> list[str] | None:
+    """The keys group ``group`` takes when ``name`` is chosen (None: any choice, or unknown)."""
+    registry = option_registries().get(group)
+    if registry is None or name not in registry:
+        return None
+    node = {f.name: f for f in fields(ExperimentConfig)}[group].default_factory  # type: ignore[misc]
+    common = [f.name for f in fields(node) if f.name not in registry.option_keys()]  # type: ignore[arg-type]
+    return sorted([*common, *registry[name].keys])
+
+
+def check_option_keys(cfg: DictConfig) -> None:
+    """Each choice takes only its own keys: ``optimizer=sgd optimizer.betas=...`` is refused
+    rather than silently ignored."""
+    for group in option_registries():
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or not isinstance(node.get("name"), str):
+            continue
+        allowed = option_keys(group, node.name)
+        extra = sorted(set(node.keys()) - set(allowed)) if allowed is not None else []
+        if extra:
+            what = option_registries()[group].what
+            raise ConfigError(f"{group}.{extra[0]}: {what} '{node.name}' takes no '{extra[0]}'"
+                              f"{f' (nor {extra[1:]})' if extra[1:] else ''}; its keys are {allowed}")
 
 
 def load_config(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
     """Merge ``cfg`` into the schema, then check ranges and names."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
+    check_option_keys(cfg)
     schema = OmegaConf.structured(ExperimentConfig)
     try:
         merged = OmegaConf.merge(schema, cfg)
@@ -154,7 +188,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _one_of(h.pooling, POOLINGS, "head.pooling", "pooling")
     _one_of(h.init, ["default", "normal"], "head.init", "init")
     if h.num_units is not None:
-        _check(h.name == "overcomplete", "head.num_units", "only the overcomplete head takes num_units")
         _check(h.num_units >= 1, "head.num_units", f"must be >= 1, got {h.num_units}")
 
     r = cfg.regularisation
@@ -197,8 +230,11 @@ def validate(cfg: ExperimentConfig) -> None:
         value = getattr(s.momentum, name)
         _check(0 <= value < 1, f"scheduler.momentum.{name}", f"must be in [0, 1), got {value}")
     if s.momentum.enabled:
-        _check(o.name in ("sgd", "adam", "adamw"), "scheduler.momentum.enabled",
-               f"a momentum schedule needs sgd, adam or adamw, not {o.name}")
+        from transferlab.training.optim import OPTIMIZERS
+
+        with_momentum = [n for n in OPTIMIZERS.names() if OPTIMIZERS[n].info.get("momentum")]
+        _check(o.name in with_momentum, "scheduler.momentum.enabled",
+               f"a momentum schedule needs one of {with_momentum}, not {o.name}")
 
     t = cfg.trainer
     _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from transferlab.errors import DataError
+
 __all__ = [
     "DataError",
     "IMAGE_EXTENSIONS",
@@ -29,10 +31,6 @@ __all__ = [
     "register_source",
     "source_class_names",
 ]
-
-
-class DataError(ValueError):
-    """Bad data or data that cannot be had; the message says what and where."""
 
 
 @dataclass

@@ -39,7 +39,8 @@ class Preprocess(nn.Module):
         elif self.in_channels == 3 and self.out_channels == 1:
             x = (x * self.luma).sum(dim=1, keepdim=True)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            # Antialiased like the prepare-time resize, so shrinking at train time does not alias either.
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
 

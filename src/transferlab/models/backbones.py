@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from transferlab.models.activations import get_activation
+from transferlab.registry import Registry
 
 
 @dataclass
@@ -40,43 +41,29 @@ class Backbone:
 
 
 BackboneBuilder = Callable[..., Backbone]
-BACKBONES: dict[str, BackboneBuilder] = {}
-TORCHVISION_BACKBONES: set[str] = set()
-
-
-def register_backbone(name: str, *, torchvision: bool = False) -> Callable[[BackboneBuilder], BackboneBuilder]:
-    def decorator(fn: BackboneBuilder) -> BackboneBuilder:
-        BACKBONES[name] = fn
-        if torchvision:
-            TORCHVISION_BACKBONES.add(name)
-        return fn
-
-    return decorator
+# info: torchvision (bool: torchvision has weights for it), min_input_size (px).
+BACKBONES: Registry[BackboneBuilder] = Registry("backbone.name", what="backbone")
+register_backbone = BACKBONES.register
 
 
 def min_input_size(name: str) -> int:
-    """The smallest input a backbone is sensible at: torchvision's nets
-    downsample 32x, inception_v3 needs 75 px; built-in ones take any size."""
-    if name == "inception_v3":
-        return 75
-    return 32 if name in TORCHVISION_BACKBONES else 1
+    """The smallest input a backbone is sensible at (torchvision's nets downsample 32x)."""
+    return int(BACKBONES[name].info.get("min_input_size", 1))
 
 
 def list_backbones() -> list[str]:
-    return sorted(BACKBONES)
+    return BACKBONES.names()
 
 
 def is_torchvision(name: str) -> bool:
-    return name in TORCHVISION_BACKBONES
+    return name in BACKBONES and bool(BACKBONES[name].info.get("torchvision"))
 
 
 def create_backbone(name: str, *, channels: int, input_size: int, width: int = 32, depth: int = 3,
                     hidden: list[int] | tuple[int, ...] = (), activation: str = "relu") -> Backbone:
     """Build backbone ``name`` with freshly initialised weights."""
-    if name not in BACKBONES:
-        raise ValueError(f"Unknown backbone '{name}'; expected one of {list_backbones()}")
-    return BACKBONES[name](channels=channels, input_size=input_size, width=width, depth=depth,
-                           hidden=list(hidden), activation=activation)
+    return BACKBONES[name].build(channels=channels, input_size=input_size, width=width, depth=depth,
+                                 hidden=list(hidden), activation=activation)
 
 
 def backbone_layers(backbone: Backbone) -> list[tuple[str, nn.Module]]:
@@ -122,7 +109,7 @@ class SmallCNN(nn.Module):
         return x
 
 
-@register_backbone("small_cnn")
+@register_backbone("small_cnn", keys=("width", "depth"))
 def _small_cnn(*, channels: int, width: int, depth: int, **_: object) -> Backbone:
     net = SmallCNN(channels, width, depth)
     return Backbone(net, net.out_features, "builtin")
@@ -148,7 +135,7 @@ class MLP(nn.Module):
         return x
 
 
-@register_backbone("mlp")
+@register_backbone("mlp", keys=("hidden", "activation"))
 def _mlp(*, channels: int, input_size: int, hidden: list[int], activation: str, **_: object) -> Backbone:
     net = MLP(channels * input_size * input_size, hidden, activation)
     return Backbone(net, net.out_features, "builtin")
@@ -177,7 +164,7 @@ def _torchvision(name: str, classifier: str, **kwargs: object) -> Backbone:
 
 
 def _register_torchvision(name: str, classifier: str) -> None:
-    @register_backbone(name, torchvision=True)
+    @register_backbone(name, torchvision=True, min_input_size=32)
     def build(**_: object) -> Backbone:
         return _torchvision(name, classifier)
 
@@ -201,7 +188,7 @@ for _name, _classifier in {
 INCEPTION_AUX_MIN_SIZE = 299
 
 
-@register_backbone("inception_v3", torchvision=True)
+@register_backbone("inception_v3", torchvision=True, min_input_size=75)
 def _inception_v3(*, input_size: int, **_: object) -> Backbone:
     aux = input_size >= INCEPTION_AUX_MIN_SIZE
     if not aux:

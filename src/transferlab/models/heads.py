@@ -25,13 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferlab.errors import HeadError
 from transferlab.models.activations import get_activation
+from transferlab.registry import Registry
 
 POOLINGS = ["logsumexp", "max", "mean"]
-
-
-class HeadError(ValueError):
-    """A head that does not fit the task."""
 
 
 def unit_groups(num_units: int, num_classes: int) -> list[list[int]]:
@@ -122,31 +120,22 @@ class Head(nn.Module):
 
 
 HeadBuilder = Callable[..., Head]
-HEADS: dict[str, HeadBuilder] = {}
-
-
-def register_head(name: str) -> Callable[[HeadBuilder], HeadBuilder]:
-    def decorator(fn: HeadBuilder) -> HeadBuilder:
-        HEADS[name] = fn
-        return fn
-
-    return decorator
+HEADS: Registry[HeadBuilder] = Registry("head.name", what="head", error=HeadError)
+register_head = HEADS.register
 
 
 def list_heads() -> list[str]:
-    return sorted(HEADS)
+    return HEADS.names()
 
 
 def create_head(name: str, *, in_features: int, num_classes: int, hidden: list[int] | None = None,
                 activations: list[str] | None = None, dropouts: list[float] | None = None,
                 num_units: int | None = None, pooling: str = "logsumexp") -> Head:
-    if name not in HEADS:
-        raise HeadError(f"Unknown head '{name}'; expected one of {list_heads()}")
     hidden = list(hidden or [])
     dropouts = list(dropouts) if dropouts is not None else [0.0] * len(hidden)
-    return HEADS[name](in_features=in_features, num_classes=num_classes, hidden=hidden,
-                       activations=list(activations or ["relu"]), dropouts=dropouts,
-                       num_units=num_units, pooling=pooling)
+    return HEADS[name].build(in_features=in_features, num_classes=num_classes, hidden=hidden,
+                             activations=list(activations or ["relu"]), dropouts=dropouts,
+                             num_units=num_units, pooling=pooling)
 
 
 @register_head("linear")
@@ -173,7 +162,7 @@ def _binary(*, in_features: int, num_classes: int, hidden: list[int], activation
                 num_units=1, binary=True)
 
 
-@register_head("overcomplete")
+@register_head("overcomplete", keys=("num_units", "pooling"))
 def _overcomplete(*, in_features: int, num_classes: int, hidden: list[int], activations: list[str],
                   dropouts: list[float], num_units: int | None, pooling: str, **_: object) -> Head:
     units = num_units if num_units is not None else num_classes + (num_classes * 2 + 4) // 5

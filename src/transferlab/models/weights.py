@@ -23,16 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from transferlab.errors import ConfigError, WeightsError
 from transferlab.models.backbones import Backbone, is_torchvision
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be had or do not fit; the message says what to do."""
 
 
 def kind_of(spec: str | None) -> str:
@@ -57,7 +55,6 @@ def torchvision_weight_names(backbone: str) -> list[str]:
 
 def check_weights_spec(backbone: str, spec: str | None, *, key: str = "backbone.weights") -> None:
     """Fail early on a weights name or file that cannot work."""
-    from transferlab.config.validate import ConfigError
 
     kind = kind_of(spec)
     if kind == "torchvision":

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from transferlab.errors import TrackingError
+
 if TYPE_CHECKING:
     from transferlab.config.schema import ExperimentConfig
-
-
-class TrackingError(ValueError):
-    """A tracking store or server that cannot be used; the message says which and why."""
 
 
 def check_tracking(cfg: "ExperimentConfig") -> None:

@@ -16,11 +16,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from transferlab.errors import FreezeError
 from transferlab.models.backbones import Backbone, backbone_layers
-
-
-class FreezeError(ValueError):
-    """A freezing request that does not fit the model."""
 
 
 @dataclass(frozen=True)

@@ -8,30 +8,50 @@ from typing import Any, Callable
 import torch
 
 from transferlab.config.schema import OptimizerConfig, SchedulerConfig
+from transferlab.registry import Registry
 
 OptimizerBuilder = Callable[[list[dict[str, Any]], OptimizerConfig], torch.optim.Optimizer]
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer.name", what="optimizer")
+# momentum=True: a momentum schedule can drive it (SGD momentum, Adam beta1).
+OPTIMIZERS.register("sgd", keys=("momentum", "nesterov"), momentum=True)(
+    lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov))
+OPTIMIZERS.register("adam", keys=("betas", "eps"), momentum=True)(
+    lambda groups, c: torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps))
+OPTIMIZERS.register("adamw", keys=("betas", "eps"), momentum=True)(
+    lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps))
+OPTIMIZERS.register("adadelta", keys=("rho", "eps"))(
+    lambda groups, c: torch.optim.Adadelta(groups, lr=c.lr, rho=c.rho, eps=c.eps))
 
-OPTIMIZERS: dict[str, OptimizerBuilder] = {
-    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov),
-    "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps),
-    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps),
-    "adadelta": lambda groups, c: torch.optim.Adadelta(groups, lr=c.lr, rho=c.rho, eps=c.eps),
-}
-SCHEDULERS = ["none", "step", "exponential", "cosine", "onecycle", "plateau"]
+SchedulerBuilder = Callable[..., Any]
+SCHEDULERS: Registry[SchedulerBuilder] = Registry("scheduler.name", what="scheduler", ordered=True)
+_lr = torch.optim.lr_scheduler
+SCHEDULERS.register("none")(lambda optimizer, cfg, **_: None)
+SCHEDULERS.register("step", keys=("step_size", "gamma"))(
+    lambda optimizer, cfg, **_: _lr.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma))
+SCHEDULERS.register("exponential", keys=("gamma",))(
+    lambda optimizer, cfg, **_: _lr.ExponentialLR(optimizer, gamma=cfg.gamma))
+SCHEDULERS.register("cosine", keys=("min_lr_mult",))(
+    lambda optimizer, cfg, *, epochs, **_: _lr.LambdaLR(
+        optimizer, lambda e: cfg.min_lr_mult + (1 - cfg.min_lr_mult) * 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))))
+SCHEDULERS.register("onecycle", keys=("pct_start",), per_batch=True)(
+    lambda optimizer, cfg, *, epochs, steps_per_epoch, **_: _lr.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], epochs=epochs,
+        steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start, cycle_momentum=False))
+SCHEDULERS.register("plateau", keys=("factor", "patience"), on_val_loss=True)(
+    lambda optimizer, cfg, **_: _lr.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor,
+                                                      patience=cfg.patience))
 
 
 def list_optimizers() -> list[str]:
-    return sorted(OPTIMIZERS)
+    return OPTIMIZERS.names()
 
 
 def list_schedulers() -> list[str]:
-    return list(SCHEDULERS)
+    return SCHEDULERS.names()
 
 
 def create_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer '{cfg.name}'; expected one of {list_optimizers()}")
-    return OPTIMIZERS[cfg.name](groups, cfg)
+    return OPTIMIZERS[cfg.name].build(groups, cfg)
 
 
 class Schedule:
@@ -41,23 +61,10 @@ class Schedule:
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, *, epochs: int,
                  steps_per_epoch: int) -> None:
         self.optimizer, self.cfg, self.epochs = optimizer, cfg, epochs
-        max_lrs = [g["lr"] for g in optimizer.param_groups]
-        name = cfg.name
-        self.per_batch = name == "onecycle"
-        self.plateau = name == "plateau"
-        sched = torch.optim.lr_scheduler
-        self.inner: Any = {
-            "none": lambda: None,
-            "step": lambda: sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma),
-            "exponential": lambda: sched.ExponentialLR(optimizer, gamma=cfg.gamma),
-            "cosine": lambda: sched.LambdaLR(optimizer, lambda e: cfg.min_lr_mult + (1 - cfg.min_lr_mult)
-                                             * 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))),
-            "onecycle": lambda: sched.OneCycleLR(optimizer, max_lr=max_lrs, epochs=epochs,
-                                                 steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start,
-                                                 cycle_momentum=False),
-            "plateau": lambda: sched.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor,
-                                                       patience=cfg.patience),
-        }[name]()
+        entry = SCHEDULERS[cfg.name]
+        self.per_batch = bool(entry.info.get("per_batch"))
+        self.plateau = bool(entry.info.get("on_val_loss"))
+        self.inner: Any = entry.build(optimizer, cfg, epochs=epochs, steps_per_epoch=steps_per_epoch)
         self.set_momentum(0)
 
     def step_batch(self) -> None:

@@ -12,7 +12,7 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from transferlab.config.validate import ConfigError
+    from transferlab.errors import ConfigError
 
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
