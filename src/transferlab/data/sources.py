@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from transferlab.errors import DataError
+from transferlab.registry import Registry
 
 __all__ = [
     "DataError",
@@ -72,22 +73,14 @@ class RawDataset:
 
 # Every loader gets the same keyword arguments so load_source can stay generic;
 # loaders may ignore the ones that do not concern them.
+# info: class_names(root=, path=) -> the source's class names, known without decoding an image.
 SourceLoader = Callable[..., RawDataset]
-SOURCES: dict[str, SourceLoader] = {}
-
-
-def register_source(name: str) -> Callable[[SourceLoader], SourceLoader]:
-    def decorator(fn: SourceLoader) -> SourceLoader:
-        if name in SOURCES:
-            raise ValueError(f"Source '{name}' is already registered")
-        SOURCES[name] = fn
-        return fn
-
-    return decorator
+SOURCES: Registry[SourceLoader] = Registry("data.source", what="data source", error=DataError)
+register_source = SOURCES.register
 
 
 def list_sources() -> list[str]:
-    return sorted(SOURCES)
+    return SOURCES.names()
 
 
 def load_source(
@@ -105,15 +98,14 @@ def load_source(
     ``imagefolder``. ``image_size`` gives square ``image_size x image_size``
     images; ``channels`` (1 or 3) converts grey <-> RGB.
     """
-    if name not in SOURCES:
-        raise DataError(f"Unknown data source '{name}'; expected one of {list_sources()}")
+    loader = SOURCES[name].build
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise DataError(f"image_size must be a positive integer or None; got {image_size!r}")
     if channels is not None and channels not in (1, 3):
         raise DataError(f"channels must be 1, 3 or None; got {channels!r}")
-    raw = SOURCES[name](
+    raw = loader(
         root=Path(root),
         path=None if path is None else Path(path),
         image_size=image_size,
@@ -128,30 +120,10 @@ def load_source(
     return RawDataset(images=images, labels=raw.labels, class_names=raw.class_names, source=name)
 
 
-# Class names of each source, known without reading an image: checks that need
-# them (unknown classes, head sizes) run before any work.
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
 def source_class_names(name: str, *, root: str | Path = "data/raw", path: str | Path | None = None) -> list[str]:
-    """The class names ``load_source(name, ...)`` would give, from metadata or a folder listing."""
-    if name == "digits":
-        return [str(i) for i in range(10)]
-    if name == "mnist":
-        from torchvision.datasets import MNIST
-
-        return list(MNIST.classes)
-    if name == "fashion_mnist":
-        from torchvision.datasets import FashionMNIST
-
-        return list(FashionMNIST.classes)
-    if name == "cifar10":
-        return list(CIFAR10_CLASSES)
-    if name == "imagefolder":
-        if path is None:
-            raise DataError("Source 'imagefolder' needs path=<folder with one subfolder per class>")
-        return _scan_image_folder(Path(path))[0]
-    raise DataError(f"Unknown data source '{name}'; expected one of {list_sources()}")
+    """The class names ``load_source(name, ...)`` would give, from metadata or a folder listing:
+    checks that need them (unknown classes, head sizes) run before any work."""
+    return list(SOURCES[name].info["class_names"](root=Path(root), path=None if path is None else Path(path)))
 
 
 # --------------------------------------------------------------------------- conversions
@@ -193,7 +165,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- sources
 
 
-@register_source("digits")
+@register_source("digits", class_names=lambda **_: [str(i) for i in range(10)])
 def _load_digits(**_: object) -> RawDataset:
     # scikit-learn ships these 1797 8x8 images, so this source works offline and in
     # well under a second: the default for tests and smoke runs.
@@ -206,6 +178,12 @@ def _load_digits(**_: object) -> RawDataset:
         labels=bunch.target.astype(np.int64),
         class_names=[str(name) for name in bunch.target_names],
     )
+
+
+def _torchvision_classes(name: str) -> list[str]:
+    from torchvision import datasets
+
+    return list(getattr(datasets, name).classes)
 
 
 def _torchvision_hint(cls: type, root: Path) -> str:
@@ -250,28 +228,38 @@ def _load_torchvision(name: str, cls: type, root: Path, download: bool) -> RawDa
     )
 
 
-@register_source("mnist")
+@register_source("mnist", class_names=lambda **_: _torchvision_classes("MNIST"))
 def _load_mnist(*, root: Path, download: bool = True, **_: object) -> RawDataset:
     from torchvision.datasets import MNIST
 
     return _load_torchvision("mnist", MNIST, root, download)
 
 
-@register_source("fashion_mnist")
+@register_source("fashion_mnist", class_names=lambda **_: _torchvision_classes("FashionMNIST"))
 def _load_fashion_mnist(*, root: Path, download: bool = True, **_: object) -> RawDataset:
     from torchvision.datasets import FashionMNIST
 
     return _load_torchvision("fashion_mnist", FashionMNIST, root, download)
 
 
-@register_source("cifar10")
+# CIFAR-10 reads its class names from the downloaded files; these are they.
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@register_source("cifar10", class_names=lambda **_: list(CIFAR10_CLASSES))
 def _load_cifar10(*, root: Path, download: bool = True, **_: object) -> RawDataset:
     from torchvision.datasets import CIFAR10
 
     return _load_torchvision("cifar10", CIFAR10, root, download)
 
 
-@register_source("imagefolder")
+def _folder_classes(path: Path | None) -> list[str]:
+    if path is None:
+        raise DataError("Source 'imagefolder' needs path=<folder with one subfolder per class>")
+    return _scan_image_folder(path)[0]
+
+
+@register_source("imagefolder", class_names=lambda *, path, **_: _folder_classes(path))
 def _load_imagefolder(
     *, path: Path | None, image_size: int | None, channels: int | None, **_: object
 ) -> RawDataset:
