@@ -1,8 +1,11 @@
 """Compose ``conf/`` into ``params.yaml``, the file every DVC stage reads.
 
 ``python -m transferlab.compose [overrides...]`` writes it;
-``--check`` exits non-zero when the file differs from the composition.
-DVC does the same composition itself on ``dvc exp run -S key=value``.
+``--check`` exits non-zero unless the file is a composition of the current
+conf/ (with any overrides: ``dvc exp run -S`` and ``dvc exp branch`` results
+pass), left as composed. DVC does the same composition itself on
+``dvc exp run -S key=value``; both record how (``composition``, see
+:mod:`hydra_plugins.transferlab_composition`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from hydra_plugins import transferlab_composition as composition
+from omegaconf import OmegaConf, open_dict
 
 from transferlab.config.validate import ConfigError, load_config
 
@@ -22,7 +26,7 @@ HEADER = "# Composed from conf/ by `python -m transferlab.compose`; edit conf/, 
 
 def compose(overrides: list[str] | None = None, *, config_dir: str | Path = "conf",
             config_name: str = "config") -> dict:
-    """The composed config as plain data (as DVC writes it)."""
+    """The composed config as plain data (as DVC writes it), with its ``composition`` record."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -38,7 +42,11 @@ def compose(overrides: list[str] | None = None, *, config_dir: str | Path = "con
     except ConfigCompositionException as err:
         _explain_option_key(err, overrides, config_dir, config_name)
         raise
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    with open_dict(cfg):
+        cfg.pop(composition.KEY, None)  # its resolver would digest ./conf: the record names config_dir
+    params: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    params[composition.KEY] = composition.record(config_dir, params)
+    return params
 
 
 def _explain_option_key(err: Exception, overrides: list[str], config_dir: Path, config_name: str) -> None:
@@ -63,11 +71,35 @@ def render(params: dict) -> str:
     return yaml.safe_dump(params, sort_keys=False, default_flow_style=False)
 
 
+def check(path: Path, expected: dict | None = None, conf_dir: Path = Path("conf")) -> None:
+    """Refuse ``path`` unless it is a composition of the current ``conf_dir`` left as composed
+    (and equal to ``expected``, the composition with given overrides, when given)."""
+    from transferlab.config.params import check_fresh
+
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run `python -m transferlab.compose`")
+    current = yaml.safe_load(path.read_text())
+    record = composition.recorded(current) if isinstance(current, dict) else None
+    if record is None:
+        raise ConfigError(f"{path} is not a composition of conf/ (no `{composition.KEY}` record): "
+                          "run `python -m transferlab.compose`")
+    check_fresh(current, path, conf_dir)
+    if composition.params_digest(current) != record["params"]:
+        differ = "; ".join(composition.changed_keys(compose(config_dir=conf_dir), current))
+        raise ConfigError(f"{path} differs from the composition it records: it was edited by hand since "
+                          f"(values that differ from conf/: {differ or 'none'}). Move the edits into conf/ or "
+                          "pass them with `dvc exp run -S`, then run `python -m transferlab.compose`")
+    if expected is not None and composition.changed_keys(current, expected):
+        raise ConfigError(f"{path} differs from the composition of conf/ with these overrides: "
+                          + "; ".join(composition.changed_keys(current, expected)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. backbone=resnet18")
     parser.add_argument("--output", default="params.yaml")
-    parser.add_argument("--check", action="store_true", help="fail if the output differs from the composition")
+    parser.add_argument("--check", action="store_true", help="fail unless the output is a composition of the current conf/ "
+                        "(of these overrides, when given), left as composed")
     args = parser.parse_args(argv)
     try:
         params = compose(args.overrides)
@@ -77,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.output)
     if args.check:
-        current = yaml.safe_load(out.read_text()) if out.is_file() else None
-        if current != params:
-            print(f"{out} differs from the composition of conf/: run `python -m transferlab.compose`",
-                  file=sys.stderr)
+        try:
+            check(out, params if args.overrides else None)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
             return 1
         print(f"{out} matches conf/")
         return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 import yaml
+from hydra_plugins import transferlab_composition as composition
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config.schema import ExperimentConfig
@@ -22,7 +24,16 @@ def read_params(path: str | Path = "params.yaml") -> ExperimentConfig:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}")
+    check_fresh(raw, path, path.parent / "conf")
     return load_config(raw)
+
+
+def check_fresh(params: Mapping[str, Any], path: Path, conf_dir: Path) -> None:
+    """Refuse a composition of an earlier ``conf_dir`` (when it records one and ``conf_dir`` exists)."""
+    record = composition.recorded(params)
+    if record is not None and conf_dir.is_dir() and record["conf"] != composition.conf_digest(conf_dir):
+        raise ConfigError(f"{conf_dir}/ changed since {path} was composed: run `python -m transferlab.compose` "
+                          "(or `dvc exp run -S ...`)")
 
 
 def to_container(cfg: ExperimentConfig) -> dict:
