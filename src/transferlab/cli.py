@@ -43,4 +43,12 @@ def stage_main(run: Callable[[Any], object], doc: str, argv: list[str] | None = 
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="the composed config (default: params.yaml)")
     args = parser.parse_args(argv)
-    guarded(lambda: run(read_params(args.params)))
+    try:
+        guarded(lambda: run(read_params(args.params)))
+    except BaseException:
+        from transferlab.config.params import restore_command
+
+        if hint := restore_command():
+            print(f"The experiment failed; DVC leaves params.yaml recomposed and this stage's outputs deleted. "
+                  f"Restore the workspace to the last commit with:\n  {hint}", file=sys.stderr)
+        raise

@@ -69,7 +69,7 @@ def changed_keys(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[st
             for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)]
 
 
-def _resolve(*, _root_: DictConfig) -> dict[str, str]:
+def _resolve(*, _root_: DictConfig) -> DictConfig:
     rest = {}
     for key in _root_:
         if key != KEY:
@@ -79,7 +79,7 @@ def _resolve(*, _root_: DictConfig) -> dict[str, str]:
     conf_dir = Path(dvc["config_dir"]) if dvc and dvc.get("config_dir") else Path("conf")
     if dvc:
         _refuse_to_discard_hand_edits(Path(dvc["output_file"]), rest, dvc.get("overrides") or [])
-    return record(conf_dir, rest)
+    return OmegaConf.create(record(conf_dir, rest))  # a resolver's mapping must be a node
 
 
 def _dvc_composition() -> dict | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,3 +48,18 @@ def to_container(cfg: ExperimentConfig) -> dict:
         if keys is not None:
             tree[group] = {k: v for k, v in node.items() if k in keys}
     return tree
+
+
+def restore_command() -> str | None:
+    """In a ``dvc exp run`` in the workspace (not ``--temp``/``--queue``, which run in a copy): the
+    command that puts back the last commit's params.yaml, dvc.lock and pipeline outputs."""
+    root = os.environ.get("DVC_ROOT")
+    if not os.environ.get("DVC_EXP_NAME") or not root or Path(root).resolve() != Path.cwd().resolve():
+        return None
+    stages = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {})
+    outs = [next(iter(o)) if isinstance(o, dict) else o
+            for stage in stages.values() for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
+    # The outputs git tracks (cache: false); `dvc checkout` restores the cached ones.
+    tracked = subprocess.run(["git", "ls-files", "--", "params.yaml", "dvc.lock", *outs],
+                             capture_output=True, text=True).stdout.split()
+    return f"git checkout HEAD -- {' '.join(tracked)} && dvc checkout" if tracked else "dvc checkout"
