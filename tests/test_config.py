@@ -87,7 +87,8 @@ def test_compose_writes_what_check_accepts(tmp_path: Path, monkeypatch: pytest.M
     assert compose_main(["--output", str(out), "trainer.epochs=3"]) == 0
     assert yaml.safe_load(out.read_text())["trainer"]["epochs"] == 3
     assert compose_main(["--check", "--output", str(out), "trainer.epochs=3"]) == 0
-    assert compose_main(["--check", "--output", str(out)]) == 1
+    assert compose_main(["--check", "--output", str(out)]) == 0  # a composition with overrides (dvc exp run -S)
+    assert compose_main(["--check", "--output", str(out), "trainer.epochs=4"]) == 1  # but not of these
     assert compose_main(["--check", "--output", str(tmp_path / "missing.yaml")]) == 1
 
 
