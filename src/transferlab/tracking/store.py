@@ -178,8 +178,21 @@ def _ensure_sqlite(path: Path) -> None:
         if not path.is_file():
             raise
         _repair(path, err)
-        return
-    os.replace(tmp, path)
+    else:
+        os.replace(tmp, path)  # the store appears whole or not at all
+        _forget_connections(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # interrupted (Ctrl-C, SIGTERM): no half-made store anywhere
+
+
+def _forget_connections(path: Path) -> None:
+    """Close this process's pooled connections to the file that was at ``path``: they
+    would keep reading the replaced file. The engine reconnects on next use."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = SqlAlchemyStore._engine_map.get(f"sqlite:///{path}")
+    if engine is not None:
+        engine.dispose()
 
 
 def _build(db: Path, artifacts: str) -> None:
@@ -209,6 +222,7 @@ def _repair(path: Path, err: Exception) -> None:
     if runs == 0:
         aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(path, aside)
+        _forget_connections(path)
         print(f"tracking: {path} was half-created by an interrupted first run ({detail}) and holds no runs; "
               f"moved it to {aside.name} and created a new store")
         _ensure_sqlite(path)
