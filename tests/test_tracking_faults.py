@@ -379,9 +379,9 @@ def _killed_mid_run(server: _Server, work: Path, epochs: int) -> subprocess.Pope
     return proc
 
 
-def _assert_complete(uri: str, epochs: int) -> None:
-    (r,) = _runs(uri)
-    client = _client(uri)
+def _assert_complete(server: _Server, epochs: int) -> None:
+    (r,) = _runs(server.store)
+    client = _client(server.url)  # artifacts are served by the server
     assert r.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == list(range(1, epochs + 1))
     assert {"test_acc", "best_val_acc", "train_seconds"} <= set(r.data.metrics)
@@ -393,21 +393,13 @@ def _assert_complete(uri: str, epochs: int) -> None:
 def test_server_killed_mid_run_then_replayed(server: _Server, tmp_path: Path) -> None:
     """Training goes on without the server; the records wait in a spool that the
     printed command sends once the server is back, final status included."""
-    work, epochs = _workdir(tmp_path), 40
-    code, _, baseline = _cli(work, *TINY, f"trainer.epochs={epochs}", f"tracking.uri={server.url}")
-    assert code == 0
-    server.stop()
-    shutil.rmtree(server.home / "artifacts", ignore_errors=True)
-    (server.home / "srv.db").unlink()
-    server.start()
-
+    work, epochs = _workdir(tmp_path), 8
     started = time.monotonic()
     proc = _killed_mid_run(server, work, epochs)
+    killed_at = time.monotonic()
     out, _ = proc.communicate(timeout=240)
-    seconds = time.monotonic() - started
+    after_kill = time.monotonic() - killed_at
     assert proc.returncode == 0, out
-    # Without the server nothing waits on it beyond the short grace for it to return.
-    assert seconds < baseline + 30, (seconds, baseline)
     match = SPOOL_HINT.search(out)
     assert match, out[-3000:]
     spool = Path(match.group(1))
@@ -419,21 +411,27 @@ def test_server_killed_mid_run_then_replayed(server: _Server, tmp_path: Path) ->
     replay = subprocess.run([sys.executable, "-m", "transferlab.tracking", "replay", str(spool)], cwd=work,
                             env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "its status is FINISHED" in replay.stdout
     assert not spool.exists()
-    _assert_complete(server.store, epochs)
+    _assert_complete(server, epochs)
+    # Training never waited on the dead server: after the kill, the run took its own
+    # training time plus evaluate and the short grace for the server to return
+    # (MLflow's own retries would have blocked ~12 minutes).
+    train_seconds = _runs(server.store)[0].data.metrics["train_seconds"]
+    assert after_kill < train_seconds + 40, (after_kill, train_seconds, time.monotonic() - started)
 
 
 @pytest.mark.slow
 def test_server_back_during_the_run_gets_everything(server: _Server, tmp_path: Path) -> None:
-    work, epochs = _workdir(tmp_path), 40
+    work, epochs = _workdir(tmp_path), 8
     proc = _killed_mid_run(server, work, epochs)
-    time.sleep(2)
+    time.sleep(1)
     server.start()
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
     assert not SPOOL_HINT.search(out), out[-3000:]
     assert not any((work / ".transferlab" / "spool").iterdir())
-    _assert_complete(server.store, epochs)
+    _assert_complete(server, epochs)
 
 
 # --- records --------------------------------------------------------------------------------------------------
