@@ -483,3 +483,20 @@ def test_git_dirty_ignores_what_the_pipeline_writes(tmp_path: Path, monkeypatch:
 
     (repo / "src" / "code.py").write_text("edited\n")
     assert lineage_tags()["git_dirty"] == "true"
+
+
+@pytest.mark.slow
+def test_temp_experiment_lands_in_the_project_store(project: Path) -> None:
+    """`dvc exp run --temp` runs in a copy that DVC deletes; its run must land in the project's store."""
+    proc = run(["dvc", "exp", "run", "--temp", "-S", "trainer.epochs=2", "-S", "pretrain.epochs=1",
+                "-S", "trainer.progress=false", "-S", "tracking.log_graph=false", "-S", "tracking.log_model=false"],
+               project)
+    (r,) = _runs(f"sqlite:///{project}/mlflow.db")
+    assert r.info.status == "FINISHED", proc.stdout[-2000:]
+    assert r.info.artifact_uri.startswith(str(project / "mlruns")), r.info.artifact_uri
+    assert [m.step for m in _client(f"sqlite:///{project}/mlflow.db").get_metric_history(r.info.run_id,
+                                                                                           "val_acc")] == [1, 2]
+    assert "test_acc" in r.data.metrics, "evaluate found finetune's run through the hand-off"
+    assert r.data.tags["dvc_exp_name"] and len(r.data.tags["dvc_exp_baseline_rev"]) == 40
+    assert r.data.tags["git_dirty"] == "false", "DVC's own edits (params.yaml, dvc.lock, outputs) are not dirt"
+    assert not (project / ".transferlab" / "spool").exists() or not any((project / ".transferlab" / "spool").iterdir())
