@@ -144,7 +144,8 @@ def test_parallel_first_runs_share_one_store(tmp_path: Path) -> None:
     assert not any(tmp_path.glob("mlflow.db.*-*")), "no temporary or broken store left"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_store_creation_interrupted_leaves_no_half_store(sig: signal.Signals, tmp_path: Path) -> None:
     """Killed while MLflow migrates the new store: the next run finds none or a whole one."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -249,9 +250,10 @@ def test_run_of_a_killed_process_ends_killed_when_the_next_starts(tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("point", "sig"), [("store", signal.SIGKILL), ("store", signal.SIGTERM),
-                                            ("training", signal.SIGINT), ("training", signal.SIGTERM),
-                                            ("training", signal.SIGKILL)])
+@pytest.mark.parametrize(("point", "sig"), [
+    pytest.param(point, sig, id=f"{point}-{sig.name}")
+    for point, sig in [("store", signal.SIGKILL), ("store", signal.SIGTERM), ("training", signal.SIGINT),
+                       ("training", signal.SIGTERM), ("training", signal.SIGKILL)]])
 def test_interrupted_first_run_then_the_next_run_succeeds(point: str, sig: signal.Signals, tmp_path: Path) -> None:
     work = _workdir(tmp_path)
     uri = f"sqlite:///{work}/mlflow.db"
