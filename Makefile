@@ -29,8 +29,10 @@ test: setup  ## the whole test suite, end-to-end tests included
 test-fast: setup  ## the suite without the slow end-to-end tests
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
+# The project's store (an exported MLFLOW_TRACKING_URI wins, as it does for runs), whatever the cwd of make.
 ui: setup  ## the MLflow UI on http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+		--default-artifact-root "$(CURDIR)/mlruns" --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf outputs data/prepared weights models

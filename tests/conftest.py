@@ -54,3 +54,17 @@ def copy_project(dest: Path) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_environment() -> None:
+    """``mlflow.set_tracking_uri`` exports the URI to os.environ, where the pipeline takes it
+    for the user's explicit choice; no test may leave it (or a run or experiment id) behind."""
+    names = ["MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"]
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -203,14 +203,16 @@ def test_interrupted_finetune_keeps_its_run_metrics_and_checkpoint(tmp_path: Pat
     cfg = _cfg(tmp_path, "trainer.epochs=3")
     prepare.run(cfg)
     pretrain.run(cfg)
-    real_log_metrics = mlflow.log_metrics
+    from transferlab.tracking.tracker import Tracker
 
-    def interrupt_in_epoch_two(metrics, step=None, **kw):
-        real_log_metrics(metrics, step=step, **kw)
+    real_log_metrics = Tracker.log_metrics
+
+    def interrupt_in_epoch_two(self, metrics, step=0):
+        real_log_metrics(self, metrics, step=step)
         if step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(mlflow, "log_metrics", interrupt_in_epoch_two)
+    monkeypatch.setattr(Tracker, "log_metrics", interrupt_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         finetune.run(cfg)
     (run,) = _runs(tmp_path)

@@ -208,10 +208,9 @@ def test_open_run_final_status(raised: type[BaseException] | None, status: str, 
 
     def block() -> None:
         nonlocal run_id
-        with open_run(uri=uri, experiment="statuses", run_name="r", tags={"stage": "test"}) as active:
-            run_id = active.info.run_id
-            assert mlflow.active_run().info.run_id == run_id
-            mlflow.log_metric("m", 1.0, step=1)
+        with open_run(uri=uri, experiment="statuses", run_name="r", tags={"stage": "test"}) as tracker:
+            run_id = tracker.run_id
+            tracker.log_metrics({"m": 1.0}, step=1)
             if raised is not None:
                 raise raised("stop")
 
@@ -220,7 +219,6 @@ def test_open_run_final_status(raised: type[BaseException] | None, status: str, 
     else:
         with pytest.raises(raised, match="stop"):
             block()
-    assert mlflow.active_run() is None, "the run must be ended whatever the block did"
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = _all_runs(client)
@@ -229,8 +227,10 @@ def test_open_run_final_status(raised: type[BaseException] | None, status: str, 
     assert r.info.status == status
     assert r.info.end_time is not None
     assert r.info.run_name == "r" and r.data.tags["stage"] == "test"
+    assert r.data.tags["transferlab.pid"] == str(os.getpid())
     assert client.get_experiment(r.info.experiment_id).name == "statuses"
     assert r.data.metrics["m"] == 1.0
+    assert not (tmp_path / ".transferlab" / "spool" / run_id).exists(), "everything sent: no spool left"
 
 
 def test_open_run_resumes_the_same_run(tmp_path: Path) -> None:
@@ -240,18 +240,18 @@ def test_open_run_resumes_the_same_run(tmp_path: Path) -> None:
 
     uri = _sqlite(tmp_path / "runs.db")
     with open_run(uri=uri, experiment="resume", run_name="first", tags={"stage": "finetune"}) as first:
-        mlflow.log_param("a", 1)
-        mlflow.log_metric("m", 0.1, step=1)
-    with open_run(uri=uri, experiment="resume", run_id=first.info.run_id, tags={"resumed": "yes"}) as again:
-        assert again.info.run_id == first.info.run_id
-        mlflow.log_param("b", 2)
-        mlflow.log_metric("m", 0.2, step=2)
+        first.log_params({"a": 1})
+        first.log_metrics({"m": 0.1}, step=1)
+    with open_run(uri=uri, experiment="resume", run_id=first.run_id, tags={"resumed": "yes"}) as again:
+        assert again.run_id == first.run_id
+        again.log_params({"b": 2})
+        again.log_metrics({"m": 0.2}, step=2)
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = _all_runs(client)
     assert len(runs) == 1, "resuming must not make a second run"
     r = runs[0]
-    assert r.info.run_id == first.info.run_id
+    assert r.info.run_id == first.run_id
     assert r.info.status == "FINISHED"
     assert r.info.run_name == "first", "resuming keeps the run's name"
     assert r.data.params == {"a": "1", "b": "2"}
@@ -259,20 +259,38 @@ def test_open_run_resumes_the_same_run(tmp_path: Path) -> None:
     assert r.data.tags["stage"] == "finetune" and r.data.tags["resumed"] == "yes"
 
     with pytest.raises(ValueError):
-        with open_run(uri=uri, experiment="resume", run_id=first.info.run_id):
+        with open_run(uri=uri, experiment="resume", run_id=first.run_id):
             raise ValueError("evaluate failed")
     assert [r.info.status for r in _all_runs(client)] == ["FAILED"]
 
 
-def test_run_file_round_trip_and_missing(tmp_path: Path) -> None:
-    from transferlab.tracking.run import RUN_FILE, read_run_file, write_run_file
+def test_handoff_round_trip_and_missing(tmp_path: Path) -> None:
+    """The hand-off names the run of the checkpoint in the folder; a checkpoint it
+    does not describe is looked up by its hash tag, and one no run made is refused."""
+    from transferlab.tracking.handoff import CHECKPOINT_TAG, file_sha256, handoff_path, run_of_model, write_handoff
+    from transferlab.tracking.preflight import TrackingError
+    from transferlab.tracking.run import open_run
 
-    with pytest.raises(FileNotFoundError, match="dvc repro finetune"):
-        read_run_file(tmp_path / "models")
-    write_run_file(tmp_path / "models", run_id="abc", uri="sqlite:///x.db", experiment_id="3")
-    assert (tmp_path / "models" / RUN_FILE).is_file()
-    assert read_run_file(tmp_path / "models") == {"run_id": "abc", "tracking_uri": "sqlite:///x.db",
-                                                  "experiment_id": "3"}
+    uri = _sqlite(tmp_path / "runs.db")
+    models = tmp_path / "models"
+    models.mkdir()
+    best = models / "best.pt"
+    best.write_bytes(b"first")
+    kw = {"uri": uri, "experiment": "handoff", "checkpoint": best}
+    with pytest.raises(TrackingError, match="dvc repro finetune"):
+        run_of_model(models, **kw)
+    write_handoff(models, run_id="abc", uri=uri, checkpoint=best)
+    assert handoff_path(models).is_file() and not any(models.glob("*.json")), "nothing inside the DVC output"
+    assert handoff_path(models).parent == tmp_path / ".transferlab" / "handoff"
+    assert run_of_model(models, **kw) == "abc"
+
+    with open_run(uri=uri, experiment="handoff") as tracker:
+        best.write_bytes(b"second")
+        tracker.set_tags({CHECKPOINT_TAG: file_sha256(best)})
+    assert run_of_model(models, **kw) == tracker.run_id, "a checkpoint restored from DVC's cache finds its run"
+    best.write_bytes(b"third")
+    with pytest.raises(TrackingError, match="no MLflow run"):
+        run_of_model(models, **kw)
 
 
 # --- one tiny pipeline against a SQLite store -----------------------------------------------------------------
@@ -320,7 +338,7 @@ def sqlite_run(tmp_path_factory: pytest.TempPathFactory) -> Finished:
 def test_pipeline_makes_one_finished_run_with_lineage(sqlite_run: Finished) -> None:
     from transferlab.data import data_hash, load_prepared
     from transferlab.stages.finetune import _file_hash
-    from transferlab.tracking.run import read_run_file
+    from transferlab.tracking.handoff import run_of_model
 
     client = sqlite_run.client()
     runs = _all_runs(client)
@@ -339,9 +357,10 @@ def test_pipeline_makes_one_finished_run_with_lineage(sqlite_run: Finished) -> N
     assert tags["sweep"] == "t"
     assert (tags["stage"], tags["backbone"], tags["head"]) == ("finetune", "small_cnn", "overcomplete")
 
-    info = read_run_file(sqlite_run.cfg.paths.model)
-    assert info == {"run_id": sqlite_run.run_id, "tracking_uri": sqlite_run.uri,
-                    "experiment_id": r.info.experiment_id}
+    model_dir = Path(sqlite_run.cfg.paths.model)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["best.pt", "layers.csv"], "no run id in the model output"
+    assert run_of_model(model_dir, uri=sqlite_run.uri, experiment=sqlite_run.cfg.tracking.experiment,
+                        checkpoint=model_dir / "best.pt") == sqlite_run.run_id
 
 
 def _resolved(cfg):

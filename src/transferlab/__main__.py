@@ -47,8 +47,8 @@ def main() -> None:
 
     try:
         app()
-    except BaseException:
-        close_sweep("FAILED")  # a failed job stops the sweep: its parent run must not stay RUNNING
+    except BaseException as err:
+        close_sweep(err)  # a failed or killed job stops the sweep: its parent run must not stay RUNNING
         raise
 
 

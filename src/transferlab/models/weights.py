@@ -7,7 +7,8 @@
 - a local file: ``.safetensors``, or a state dict read with
   ``torch.load(weights_only=True)`` (pickles that would run code are refused);
 - an MLflow model URI of an earlier run (``runs:/<id>/model``,
-  ``models:/<name>/<version>``): its backbone's weights.
+  ``models:/<name>/<version>``): its backbone's weights
+  (:mod:`transferlab.tracking.models`).
 
 Whatever the source, the pretrain stage writes the weights to one
 ``.safetensors`` file (pinned by ``dvc.lock``) with a JSON sidecar that
@@ -180,57 +181,6 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"'{path}' holds no state dict of tensors")
     return obj
-
-
-CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
-
-
-def mlflow_run_id(uri: str) -> str:
-    """The run behind ``runs:/<id>/...`` or ``models:/<name>/<version>``."""
-    import mlflow
-
-    if uri.startswith("runs:/"):
-        run_id = uri[len("runs:/"):].split("/", 1)[0]
-        if not run_id:
-            raise WeightsError(f"'{uri}' names no run; expected runs:/<run_id>/model")
-        return run_id
-    name, _, version = uri[len("models:/"):].partition("/")
-    try:
-        if version.startswith("@"):
-            mv = mlflow.MlflowClient().get_model_version_by_alias(name, version[1:])
-        else:
-            mv = mlflow.MlflowClient().get_model_version(name, version)
-    except Exception as err:
-        raise WeightsError(f"Could not resolve '{uri}' ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    if not mv.run_id:
-        raise WeightsError(f"'{uri}' was not logged by a run, so it has no checkpoint to take weights from")
-    return mv.run_id
-
-
-def mlflow_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The backbone weights of an earlier run (the note's own model zoo).
-
-    Reads the run's checkpoint (a plain state dict, loaded with
-    ``weights_only=True``) rather than unpickling a logged model.
-    """
-    import mlflow
-    import mlflow.artifacts
-
-    run_id = mlflow_run_id(uri)
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT)
-    except Exception as err:
-        raise WeightsError(f"Could not fetch {CHECKPOINT_ARTIFACT} of run {run_id} for '{uri}' "
-                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                           "Is tracking.uri the store that holds that run?") from None
-    state = read_weights_file(local)
-    meta: dict[str, Any] = {"mlflow_run_id": run_id}
-    size = mlflow.MlflowClient().get_run(run_id).data.params.get("model.input_size")
-    if size and size.isdigit():
-        meta["input_size"] = int(size)
-    if "preprocess.mean" in state:
-        meta.update(mean=state["preprocess.mean"].flatten().tolist(), std=state["preprocess.std"].flatten().tolist())
-    return state, meta
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

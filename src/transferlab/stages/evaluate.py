@@ -114,9 +114,8 @@ def plot_confusion(matrix: list[list[int]], class_names: list[str], path: Path) 
 
 
 def run(cfg: ExperimentConfig) -> dict[str, Any]:
-    import mlflow
-
-    from transferlab.tracking.run import open_run, read_run_file
+    from transferlab.tracking.handoff import run_of_model
+    from transferlab.tracking.run import open_run
 
     configure_threads(cfg.trainer.num_threads)
     device = resolve_device(cfg.trainer.device)
@@ -142,53 +141,21 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         writer.writerows((data.class_names[a], data.class_names[p]) for a, p in zip(y_true, y_pred))
     image = plot_confusion(metrics["confusion_matrix"], data.class_names, plots_dir / "confusion.png")
 
-    info = read_run_file(cfg.paths.model)
-    with open_run(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_id=info["run_id"]):
+    run_id = run_of_model(cfg.paths.model, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                          checkpoint=Path(cfg.paths.model) / BEST)
+    with open_run(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_id=run_id) as tracker:
         flat = {"test_acc": metrics["test_acc"], "test_macro_f1": metrics["test_macro_f1"]}
         for name, row in metrics["per_class"].items():
             for key in ("precision", "recall", "f1"):
                 flat[f"test_{key}_{name}"] = row[key]
-        mlflow.log_metrics(flat)
-        mlflow.log_dict(metrics, "evaluation/test_metrics.json")
-        mlflow.log_artifact(str(image), artifact_path="evaluation")
-        mlflow.log_artifact(str(plots_dir / "confusion.csv"), artifact_path="evaluation")
+        tracker.log_metrics(flat)
+        tracker.log_dict(metrics, "evaluation/test_metrics.json")
+        tracker.log_artifact(image, artifact_path="evaluation")
+        tracker.log_artifact(plots_dir / "confusion.csv", artifact_path="evaluation")
         if cfg.tracking.log_model:
-            mlflow.set_tag("model_format", log_model(model.cpu(), test.images[:4]))
+            tracker.log_model(model.cpu(), test.images[:4])
     print(f"evaluate: test_acc={metrics['test_acc']:.4f} macro_f1={metrics['test_macro_f1']:.4f}")
     return metrics
-
-
-def log_model(model: FineTuneModel, example: torch.Tensor) -> str:
-    """``mlflow.pytorch`` model with signature and input example; returns the format.
-
-    Saved as a ``torch.export`` program (``pt2``: no pickle, loads without this
-    package, takes raw uint8 images of any batch size); a model that cannot be
-    exported falls back to a pickle. Requirements are given, not inferred:
-    inference loads the model in a subprocess and costs many seconds.
-    """
-    import warnings
-
-    import mlflow.pytorch
-    import torchvision
-    from mlflow.models import infer_signature
-
-    model.eval()
-    x = example.numpy()
-    with torch.no_grad():
-        y = model(example).numpy()
-    signature = infer_signature(x, y)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}",
-                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
-    try:
-        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x,
-                                 pip_requirements=requirements, serialization_format="pt2")
-        return "pt2"
-    except Exception as err:  # torch.export does not cover every model
-        warnings.warn(f"torch.export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                      "logging the model as a pickle instead", stacklevel=2)
-    mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x,
-                             pip_requirements=[*requirements, "transferlab"], serialization_format="pickle")
-    return "pickle"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from transferlab.training.maxnorm import constrained_weights
 from transferlab.training.optim import Schedule, create_optimizer
 from transferlab.training.param_groups import describe_groups, param_groups
 from transferlab.training.runtime import configure_threads, resolve_device, seed_everything
+
+if TYPE_CHECKING:
+    from transferlab.tracking.tracker import Tracker
 
 BEST = "best.pt"
 
@@ -104,9 +107,8 @@ def _file_hash(path: str | Path) -> str:
 
 def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[str, FitResult]:
     """Train and log; return the MLflow run id and the fit result."""
-    import mlflow
-
-    from transferlab.tracking.run import lineage_tags, open_run, write_run_file
+    from transferlab.tracking.handoff import CHECKPOINT_TAG, file_sha256, write_handoff
+    from transferlab.tracking.run import lineage_tags, open_run
 
     seed_everything(cfg.seed)
     configure_threads(cfg.trainer.num_threads)
@@ -143,13 +145,12 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
                 **lineage_tags(data_hash=data.meta.get("data_hash"), weights_hash=_file_hash(cfg.paths.weights)),
                 **(tags or {})}
     with open_run(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
-                  tags=run_tags) as active:
-        run_id = active.info.run_id
-        write_run_file(model_dir, run_id=run_id, uri=cfg.tracking.uri, experiment_id=active.info.experiment_id)
-        _log_setup(cfg, a, data, model_dir, device)
+                  tags=run_tags) as tracker:
+        run_id = tracker.run_id
+        _log_setup(tracker, cfg, a, data, model_dir, device)
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-            mlflow.log_metrics(metrics, step=epoch + 1)
+            tracker.log_metrics(metrics, step=epoch + 1)
 
         started = time.perf_counter()
         try:
@@ -158,62 +159,62 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
         except BaseException:
             # Interrupted or failed: the best checkpoint so far still goes to the run.
             if (model_dir / BEST).is_file():
-                mlflow.log_artifact(str(model_dir / BEST), artifact_path="checkpoint")
+                tracker.log_artifact(model_dir / BEST, artifact_path="checkpoint")
             raise
         seconds = time.perf_counter() - started
         best = result.history[result.best_epoch]
         summary = {"best_epoch": result.best_epoch + 1, f"best_{cfg.trainer.monitor}": result.best_value,
-                   "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"], "train_seconds": seconds}
-        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+                   "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"]}
+        # Wall time is a run metric only: in the DVC metric file it would change dvc.lock on every rerun.
+        tracker.log_metrics({**{k: float(v) for k, v in summary.items()}, "train_seconds": seconds})
         _write_history(result, Path(cfg.paths.plots) / "history.csv")
         metrics_path = Path(cfg.paths.metrics) / "train.json"
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(summary, indent=2))
-        mlflow.log_artifact(str(model_dir / BEST), artifact_path="checkpoint")
-        mlflow.log_artifact(str(Path(cfg.paths.plots) / "history.csv"))
+        tracker.log_artifact(model_dir / BEST, artifact_path="checkpoint")
+        tracker.log_artifact(Path(cfg.paths.plots) / "history.csv")
+        tracker.set_tags({CHECKPOINT_TAG: file_sha256(model_dir / BEST)})
+        write_handoff(model_dir, run_id=run_id, uri=cfg.tracking.uri, checkpoint=model_dir / BEST)
     print(f"finetune: best {cfg.trainer.monitor}={result.best_value:.4f} at epoch {result.best_epoch + 1}; "
           f"MLflow run {run_id}")
     return run_id, result
 
 
-def _log_setup(cfg: ExperimentConfig, a: Assembled, data: PreparedData, model_dir: Path,
+def _log_setup(tracker: "Tracker", cfg: ExperimentConfig, a: Assembled, data: PreparedData, model_dir: Path,
                device: torch.device) -> None:
-    import mlflow
-
     from transferlab.tracking.graph import plot_model
     from transferlab.tracking.run import flatten
     from transferlab.tracking.summary import summary_text
 
     container = to_container(cfg)
-    flat = flatten(container)
-    mlflow.log_params(flat)
+    tracker.log_params(flatten(container))
     counts = param_counts(a.model, a.plan)
-    mlflow.log_params({**counts, "data.num_classes": data.num_classes, "data.class_names": str(data.class_names),
-                       "data.train_size": len(data.splits["train"]), "device": str(device),
-                       "model.input_size": cfg.backbone.input_size,
-                       "freeze.frozen_layers": str(list(a.plan.layers))})
-    mlflow.log_dict(container, "config/config.yaml")
-    mlflow.log_dict(a.weights_meta, "config/weights.json")
-    mlflow.log_dict(data.meta, "config/data.json")
+    tracker.log_params({**counts, "data.num_classes": data.num_classes, "data.class_names": str(data.class_names),
+                        "data.train_size": len(data.splits["train"]), "device": str(device),
+                        "model.input_size": cfg.backbone.input_size,
+                        "freeze.frozen_layers": str(list(a.plan.layers))})
+    tracker.log_dict(container, "config/config.yaml")
+    tracker.log_dict(a.weights_meta, "config/weights.json")
+    tracker.log_dict(data.meta, "config/data.json")
     rows = layer_rows(a)
     with open(model_dir / "layers.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    mlflow.log_artifact(str(model_dir / "layers.csv"), artifact_path="model_info")
+    tracker.log_artifact(model_dir / "layers.csv", artifact_path="model_info")
     example = data.splits["val"].images[:1].to(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         text = summary_text(a.model, example) + "\n\nParameter groups\n" + describe_groups(a.groups) + "\n"
         (tmp_dir / "summary.txt").write_text(text)
-        mlflow.log_artifact(str(tmp_dir / "summary.txt"), artifact_path="model_info")
+        tracker.log_artifact(tmp_dir / "summary.txt", artifact_path="model_info")
         if cfg.tracking.log_graph:
             try:
                 graph = plot_model(a.model, example, tmp_dir / "model_graph.png")
-                mlflow.log_artifact(str(graph), artifact_path="model_info")
+                tracker.log_artifact(graph, artifact_path="model_info")
                 dot = graph.with_suffix(".dot")
                 if dot.exists():
-                    mlflow.log_artifact(str(dot), artifact_path="model_info")
+                    tracker.log_artifact(dot, artifact_path="model_info")
             except Exception as err:  # drawing must never cost the run
                 print(f"finetune: warning: could not draw the model graph: {err}")
 

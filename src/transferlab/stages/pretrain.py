@@ -18,7 +18,7 @@ from transferlab.config.schema import ExperimentConfig, SchedulerConfig, Optimiz
 from transferlab.data import load_prepared, read_prepared_meta
 from transferlab.models.assemble import Normalisation, build_backbone, build_model, resolve_input_size
 from transferlab.models.weights import (
-    kind_of, load_backbone_state, mlflow_state_dict, read_weights_file, save_weights, torchvision_state_dict,
+    kind_of, load_backbone_state, read_weights_file, save_weights, torchvision_state_dict,
 )
 from transferlab.training.loop import Batches, steps_per_epoch, TrainSettings, fit
 from transferlab.training.optim import Schedule, create_optimizer
@@ -70,10 +70,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     if kind == "torchvision":
         state, extra = torchvision_state_dict(cfg.backbone.name, spec)  # type: ignore[arg-type]
     elif kind == "mlflow":
-        import mlflow
+        from transferlab.tracking.models import mlflow_state_dict
 
-        mlflow.set_tracking_uri(cfg.tracking.uri)
-        state, extra = mlflow_state_dict(spec)  # type: ignore[arg-type]
+        state, extra = mlflow_state_dict(spec, uri=cfg.tracking.uri)  # type: ignore[arg-type]
     elif kind == "file":
         state = read_weights_file(spec)  # type: ignore[arg-type]
     weights_size = extra.get("input_size")

@@ -1,22 +1,26 @@
 """MLflow runs: one run per pipeline execution.
 
-``finetune`` opens the run and records the config, lineage, the model's
-picture and per-epoch metrics; it leaves the run id in
-``<paths.model>/run.json``. ``evaluate`` reopens that run for the test
-metrics and the logged model. A stage that DVC skips logs nothing, so an
-unchanged pipeline never makes a duplicate run.
+``finetune`` opens the run (:func:`open_run`) and records the config,
+lineage, the model's picture and per-epoch metrics, then leaves the run id in
+a hand-off file (:mod:`transferlab.tracking.handoff`, outside every DVC
+output). ``evaluate`` reopens that run for the test metrics and the logged
+model. A stage that DVC skips logs nothing, so an unchanged pipeline never
+makes a duplicate run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-RUN_FILE = "run.json"
+from transferlab.tracking.tracker import Tracker, status_of
+
+# What DVC tells a stage of `dvc exp run` (dvc/env.py), recorded on the run.
+DVC_EXP_TAGS = {"DVC_EXP_NAME": "dvc_exp_name", "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev"}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -36,21 +40,63 @@ def _git(*args: str) -> str | None:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip()
+    return out.stdout
+
+
+def pipeline_outputs(repo_root: Path) -> set[str]:
+    """Repo-relative files the pipeline itself rewrites: ``dvc.lock`` and every path
+    ``dvc.yaml`` declares as a stage output, metric or plot (the git-tracked ones are
+    the uncached outputs); inside ``dvc exp run`` also ``params.yaml``, which DVC
+    rewrites with the experiment's values."""
+    import yaml
+
+    paths = {"dvc.lock"}
+    if "DVC_EXP_NAME" in os.environ or "DVC_EXP_BASELINE_REV" in os.environ:
+        paths.add("params.yaml")
+    try:
+        stages = (yaml.safe_load((repo_root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return paths
+    for stage in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []) or []:
+                paths.add(next(iter(entry)) if isinstance(entry, Mapping) else str(entry))
+    return {p.rstrip("/") for p in paths}
+
+
+def _dirty(porcelain: str, outputs: set[str]) -> bool:
+    """Whether ``git status --porcelain -z`` lists a change outside the pipeline's outputs."""
+    entries = iter(porcelain.split("\0"))
+    for entry in entries:
+        if not entry:
+            continue
+        status, path = entry[:2], entry[3:]
+        if "R" in status or "C" in status:
+            next(entries, None)  # the rename's source path follows
+        if not any(path == out or path.startswith(out + "/") for out in outputs):
+            return True
+    return False
 
 
 def lineage_tags(*, data_hash: str | None = None, weights_hash: str | None = None) -> dict[str, str]:
-    """Git commit, dirty flag and data hash: enough to reproduce the run."""
+    """Git commit, dirty flag, DVC experiment and data hash: enough to reproduce the run.
+
+    ``git_dirty`` is true only for changes beyond what the pipeline itself writes
+    (:func:`pipeline_outputs`): a DVC run rewrites ``dvc.lock`` and its metrics."""
     tags: dict[str, str] = {}
-    commit = _git("rev-parse", "HEAD")
+    commit = (_git("rev-parse", "HEAD") or "").strip()
     if commit:
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        status = _git("status", "--porcelain", "-z", "--untracked-files=no")
+        top = (_git("rev-parse", "--show-toplevel") or "").strip()
         # A failed `git status` (None) says nothing about the tree: no tag
         # rather than a false "clean".
-        if dirty is not None:
-            tags["git_dirty"] = "true" if dirty else "false"
+        if status is not None and top:
+            tags["git_dirty"] = "true" if _dirty(status, pipeline_outputs(Path(top))) else "false"
+    for var, tag in DVC_EXP_TAGS.items():
+        if os.environ.get(var):
+            tags[tag] = os.environ[var]
     if data_hash:
         tags["data_hash"] = data_hash
     if weights_hash:
@@ -58,45 +104,20 @@ def lineage_tags(*, data_hash: str | None = None, weights_hash: str | None = Non
     return tags
 
 
-def set_store(uri: str, experiment: str) -> str:
-    """Point MLflow at ``uri``; make the experiment if needed; return its id."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(experiment)
-    return exp.experiment_id
-
-
 @contextlib.contextmanager
 def open_run(*, uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None,
-             tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Start (or resume, with ``run_id``) a run; it ends FAILED if the block raises
-    and KILLED on Ctrl-C, never left RUNNING."""
-    import mlflow
-    from mlflow.entities import RunStatus
-
-    set_store(uri, experiment)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {}))
-    try:
-        yield run
-    except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
+             tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
+    """Start (or resume, with ``run_id``) a run; it ends FINISHED, FAILED if the block
+    raises, KILLED on Ctrl-C or SIGTERM: never left RUNNING."""
+    if run_id:
+        tracker = Tracker.resume(uri=uri, run_id=run_id)
+        if tags:
+            tracker.set_tags(tags)
     else:
-        mlflow.end_run()
-
-
-def write_run_file(model_dir: str | Path, *, run_id: str, uri: str, experiment_id: str) -> None:
-    path = Path(model_dir) / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}, indent=2))
-
-
-def read_run_file(model_dir: str | Path) -> dict[str, str]:
-    path = Path(model_dir) / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the finetune stage first (dvc repro finetune)")
-    return json.loads(path.read_text())
+        tracker = Tracker.start(uri=uri, experiment=experiment, run_name=run_name, tags=tags)
+    try:
+        yield tracker
+    except BaseException as err:
+        tracker.end(status_of(err))
+        raise
+    tracker.end("FINISHED")

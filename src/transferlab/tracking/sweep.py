@@ -5,8 +5,8 @@
 the sweep and leaves its id in ``<sweep dir>/mlflow_sweep.json``; each job's
 run carries ``mlflow.parentRunId``, so the MLflow UI shows the jobs nested
 under their sweep. When the sweep ends, the parent gets the number of jobs
-and the best test accuracy, and is closed FINISHED, or FAILED when a job
-failed and stopped the sweep.
+and the best test accuracy, and is closed FINISHED; :func:`close_sweep` with
+the error that stopped a sweep closes it FAILED, or KILLED for Ctrl-C/SIGTERM.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from transferlab.tracking.tracker import Tracker, status_of
+
 SWEEP_FILE = "mlflow_sweep.json"
-_open: dict[str, str] = {}  # the parent run this process opened and has not closed yet
+_open: list[Tracker] = []  # the parent run this process opened and has not closed yet
 
 
 def parent_run_id(sweep_dir: str | Path) -> str | None:
@@ -29,37 +31,38 @@ def parent_run_id(sweep_dir: str | Path) -> str | None:
 
 class SweepRuns(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow import MlflowClient
-
-        from transferlab.tracking.run import set_store
-
         sweep_dir = Path(config.hydra.sweep.dir)
-        experiment_id = set_store(config.tracking.uri, config.tracking.experiment)
         overrides = " ".join(config.hydra.overrides.task)
-        run = MlflowClient(config.tracking.uri).create_run(
-            experiment_id, run_name=f"sweep-{sweep_dir.name}",
-            tags={"sweep": sweep_dir.name, "sweep_dir": str(sweep_dir), "overrides": overrides,
-                  "launcher": "hydra", "stage": "sweep"})
+        parent = Tracker.start(uri=config.tracking.uri, experiment=config.tracking.experiment,
+                               run_name=f"sweep-{sweep_dir.name}",
+                               tags={"sweep": sweep_dir.name, "sweep_dir": str(sweep_dir), "overrides": overrides,
+                                     "launcher": "hydra", "stage": "sweep"})
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": config.tracking.uri}))
-        _open.update(run_id=run.info.run_id, uri=config.tracking.uri)
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"run_id": parent.run_id, "tracking_uri": parent.uri}))
+        _open.append(parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        close_sweep("FINISHED")
+        close_sweep()
 
 
-def close_sweep(status: str) -> None:
-    """Summarise and end the parent run this process opened, if any."""
+def close_sweep(error: BaseException | None = None) -> None:
+    """Summarise and end the parent run this process opened, if any: FINISHED without
+    ``error``, KILLED for KeyboardInterrupt (Ctrl-C, SIGTERM), else FAILED."""
     if not _open:
         return
+    parent = _open.pop()
     from mlflow import MlflowClient
 
-    run_id, uri = _open.pop("run_id"), _open.pop("uri")
-    client = MlflowClient(uri)
-    parent = client.get_run(run_id)
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
-    client.log_metric(run_id, "jobs", len(children))
-    scores = [r.data.metrics["test_acc"] for r in children if "test_acc" in r.data.metrics]
-    if scores:
-        client.log_metric(run_id, "best_test_acc", max(scores))
-    client.set_terminated(run_id, status)
+    from transferlab.tracking.store import reachable
+
+    if reachable(parent.uri):
+        client = MlflowClient(parent.uri)
+        experiment_id = client.get_run(parent.run_id).info.experiment_id
+        children = client.search_runs([experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+        summary = {"jobs": len(children)}
+        scores = [r.data.metrics["test_acc"] for r in children if "test_acc" in r.data.metrics]
+        if scores:
+            summary["best_test_acc"] = max(scores)
+        parent.log_metrics(summary)
+    parent.end(status_of(error))

@@ -1,0 +1,124 @@
+"""Models in the MLflow store: earlier runs' weights in, the trained model out.
+
+``backbone.weights`` may name an earlier run's model (``runs:/<id>/model``,
+``models:/<name>/<version>`` or ``models:/<name>@<alias>``); its backbone's
+weights come from that run's checkpoint artifact (a plain state dict, loaded
+with ``weights_only=True``) rather than from unpickling a logged model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from transferlab.models.weights import WeightsError, read_weights_file
+from transferlab.tracking.store import tracking_uri
+
+CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
+
+
+def mlflow_run_id(spec: str, *, uri: str) -> str:
+    """The run behind ``runs:/<id>/...`` or ``models:/<name>/<version>`` (``uri`` resolved)."""
+    from mlflow import MlflowClient
+
+    if spec.startswith("runs:/"):
+        run_id = spec[len("runs:/"):].split("/", 1)[0]
+        if not run_id:
+            raise WeightsError(f"backbone.weights: '{spec}' names no run; expected runs:/<run_id>/model")
+        return run_id
+    rest = spec[len("models:/"):]
+    name, sep, version = rest.partition("/")
+    if not sep and "@" in rest:
+        name, _, alias = rest.partition("@")
+        version = f"@{alias}"
+    client = MlflowClient(uri)
+    try:
+        if version.startswith("@"):
+            mv = client.get_model_version_by_alias(name, version[1:])
+        else:
+            mv = client.get_model_version(name, version)
+    except Exception as err:
+        raise WeightsError(f"backbone.weights: could not resolve '{spec}' in {uri} "
+                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not mv.run_id:
+        raise WeightsError(f"backbone.weights: '{spec}' was not logged by a run, so it has no checkpoint "
+                           "to take weights from")
+    return mv.run_id
+
+
+def check_weights_uri(spec: str, *, uri: str) -> None:
+    """Fail before any work when ``spec``'s run or its checkpoint is not in the store."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(uri)
+    run_id = mlflow_run_id(spec, uri=uri)
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except Exception:
+        raise WeightsError(f"backbone.weights: '{spec}': no run {run_id} in the store {uri} "
+                           "(is tracking.uri the store that holds it?)") from None
+    folder, _, name = CHECKPOINT_ARTIFACT.rpartition("/")
+    if CHECKPOINT_ARTIFACT not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        raise WeightsError(f"backbone.weights: '{spec}': run {run_id} has no {CHECKPOINT_ARTIFACT} artifact "
+                           "to take weights from (did it finish its finetune stage?)")
+
+
+def mlflow_state_dict(spec: str, *, uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The backbone weights of an earlier run and the preprocessing they expect."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(uri)
+    run_id = mlflow_run_id(spec, uri=uri)
+    client = MlflowClient(uri)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, dst_path=tmp)
+        except Exception as err:
+            raise WeightsError(f"backbone.weights: could not fetch {CHECKPOINT_ARTIFACT} of run {run_id} for "
+                               f"'{spec}' ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                               f"Is tracking.uri ({uri}) the store that holds that run?") from None
+        state = read_weights_file(local)
+    meta: dict[str, Any] = {"mlflow_run_id": run_id}
+    size = client.get_run(run_id).data.params.get("model.input_size")
+    if size and size.isdigit():
+        meta["input_size"] = int(size)
+    if "preprocess.mean" in state:
+        meta.update(mean=state["preprocess.mean"].flatten().tolist(), std=state["preprocess.std"].flatten().tolist())
+    return state, meta
+
+
+def log_model(model: torch.nn.Module, example: torch.Tensor) -> str:
+    """``mlflow.pytorch`` model of the active run, with signature and input example; returns the format.
+
+    Saved as a ``torch.export`` program (``pt2``: no pickle, loads without this
+    package, takes raw uint8 images of any batch size); a model that cannot be
+    exported falls back to a pickle. Requirements are given, not inferred:
+    inference loads the model in a subprocess and costs many seconds.
+    """
+    import warnings
+
+    import mlflow.pytorch
+    import torchvision
+    from mlflow.models import infer_signature
+
+    model.eval()
+    x = example.numpy()
+    with torch.no_grad():
+        y = model(example).numpy()
+    signature = infer_signature(x, y)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    try:
+        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x,
+                                 pip_requirements=requirements, serialization_format="pt2")
+        return "pt2"
+    except Exception as err:  # torch.export does not cover every model
+        warnings.warn(f"torch.export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                      "logging the model as a pickle instead", stacklevel=2)
+    mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x,
+                             pip_requirements=[*requirements, "transferlab"], serialization_format="pickle")
+    return "pickle"
