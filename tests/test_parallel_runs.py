@@ -138,19 +138,16 @@ def test_threads_are_split_among_the_live_training_processes(tmp_path: Path) -> 
     assert not list(jobs.iterdir())
 
 
-def test_a_queued_dvc_experiment_registers_in_the_project(tmp_path: Path) -> None:
+def test_a_queued_dvc_experiment_registers_in_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transferlab.training.runtime import project_root
 
-    workspace = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
-    workspace.mkdir(parents=True)
-    old = os.environ.get("DVC_ROOT")
-    os.environ["DVC_ROOT"] = str(workspace)
-    try:
-        assert project_root() == (tmp_path / "project").resolve()
-        os.environ["DVC_ROOT"] = str(tmp_path / "project")
-        assert project_root() == (tmp_path / "project").resolve()
-    finally:
-        if old is None:
-            del os.environ["DVC_ROOT"]
-        else:
-            os.environ["DVC_ROOT"] = old
+    project = tmp_path / "project"
+    for workspace in (project / ".dvc" / "tmp" / "exps" / "tmpab12cd",  # dvc queue start
+                      project / ".dvc" / "tmp" / "exps" / "standalone" / "tmpef34ab",  # dvc exp run --temp
+                      project):  # dvc repro
+        workspace.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv("DVC_ROOT", str(workspace))
+        assert project_root() == project.resolve()
+    monkeypatch.delenv("DVC_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert project_root() == tmp_path.resolve()

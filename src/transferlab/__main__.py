@@ -31,7 +31,8 @@ def main() -> None:
         print(f"error: no conf/config.yaml under {Path.cwd()}: run from the project root", file=sys.stderr)
         raise SystemExit(2)
     register_resolvers()
-    # Hydra's own parser: its flags and their values (-sc install=bash, -c job, -p pkg) are not overrides.
+    # The parser hydra.main uses (Hydra 1.3 keeps it internal): its flags and their values (-sc install=bash,
+    # -c job, -p trainer) are not overrides, and the modes that only show something run no job.
     args = get_args_parser().parse_args(sys.argv[1:])
     shows_only = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
     other_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
