@@ -60,8 +60,8 @@ def prepare_shared(cfg: ExperimentConfig) -> None:
     from transferlab.stages import prepare
 
     prepared = Path(cfg.paths.prepared)
-    prepared.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(prepared) + ".lock"):
+    prepared.mkdir(parents=True, exist_ok=True)
+    with FileLock(prepared / ".lock"):  # the key's folder holds target/, source/ and this lock
         if not (prepared / "target" / "meta.json").is_file() or (
                 cfg.backbone.weights == "source" and not (prepared / "source" / "meta.json").is_file()):
             prepare.run(cfg)
