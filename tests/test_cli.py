@@ -122,3 +122,118 @@ def test_stage_with_an_unreadable_params_file(content: str | None, expected: str
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {params}") and expected in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-sc", "install=bash"], "hydra_bash_completion()"),
+        (["--cfg", "job", "--package", "trainer", "trainer.epochs=3"], "epochs: 3"),
+        (["-c", "job", "--resolve", "seed=7"], "seed: 7"),
+        (["--info", "defaults"], "Defaults List"),
+        (["--help"], "== Config =="),
+        (["--hydra-help"], "Hydra ("),
+    ],
+    ids=["sc-install", "cfg-package", "cfg-resolve", "info", "help", "hydra-help"],
+)
+def test_hydra_flags_and_modes_pass_the_prechecks(args: list[str], expected: str) -> None:
+    absent = _absent_in_root()
+    proc, _ = _run(["-m", "transferlab", *args])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert expected in proc.stdout, proc.stdout[-2000:]
+    assert "error:" not in proc.stderr
+    assert _absent_in_root() >= absent
+
+
+def test_shell_completion_completes_config_keys() -> None:
+    import os
+
+    # The line bash hands over when completing the project's console script, `transferlab`.
+    env = {**os.environ, "COMP_LINE": "transferlab regularisation.drop"}
+    proc = subprocess.run([sys.executable, "-m", "transferlab", "-sc", "query=bash"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "regularisation.dropout." in proc.stdout.split(), proc.stdout
+
+
+def test_run_and_sweep_folders_are_sortable_and_unique_within_a_second() -> None:
+    import re
+
+    folders = []
+    for _ in range(2):
+        proc, _ = _run(["-m", "transferlab", "--cfg", "hydra", "--resolve", "-p", "hydra"])
+        assert proc.returncode == 0, proc.stderr
+        hydra = yaml.safe_load(proc.stdout.split("\n", 1)[1])  # after the "# @package hydra" line
+        run_dir, sweep_dir = Path(hydra["run"]["dir"]), Path(hydra["sweep"]["dir"])
+        for folder in (run_dir, sweep_dir):
+            assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-[0-9a-f]{6}", folder.name), folder
+        assert run_dir.parent == Path("outputs/runs") and sweep_dir.parent == Path("outputs/sweeps")
+        folders.append(run_dir.name)
+    assert folders[0] != folders[1]
+    # The id follows the time, so names sort by when the run started.
+    assert sorted(folders) == sorted(folders, key=lambda name: name[:19])
+
+
+PROBE = '''
+import json
+from pathlib import Path
+from hydra.experimental.callback import Callback
+
+class Probe(Callback):
+    """Records what each job returned to the sweeper."""
+    def on_job_end(self, config, job_return, **kwargs):
+        with open(Path(config.hydra.sweep.dir) / "returns.jsonl", "a") as fh:
+            fh.write(json.dumps({"job": config.hydra.job.num, "value": job_return.return_value}) + "\\n")
+'''
+
+
+@pytest.mark.slow
+def test_sweep_objective_is_the_configured_validation_metric_and_epochs_are_logged(tmp_path: Path) -> None:
+    import json
+    import os
+
+    import mlflow
+
+    (tmp_path / "probe.py").write_text(PROBE)
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferlab", "-m", "optimized_metric=best_val_acc,best_val_loss",
+         "trainer.epochs=2", "pretrain.epochs=1", "backbone.width=8", "tracking.log_graph=false",
+         "tracking.log_model=false", "+hydra.callbacks.probe._target_=probe.Probe", f"hydra.sweep.dir={sweep}",
+         f"paths.cache={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    returns = {r["job"]: r["value"] for r in map(json.loads, (sweep / "returns.jsonl").read_text().splitlines())}
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep_job != ''")
+    assert len(runs) == 2
+    for run in runs:
+        job = int(run.data.tags["sweep_job"])
+        metric = run.data.params["optimized_metric"]
+        assert metric == ("best_val_acc", "best_val_loss")[job]
+        assert returns[job] == pytest.approx(run.data.metrics[metric])
+    # Not on a terminal: one line per epoch, on stdout and in each job's Hydra log.
+    for stage, epochs in (("pretrain (source task)", 1), ("finetune", 2)):
+        for epoch in range(1, epochs + 1):
+            line = f"{stage} epoch {epoch}/{epochs} train_loss="
+            assert proc.stdout.count(line) == 2, proc.stdout[-3000:]
+            for job in (0, 1):
+                assert line in (sweep / str(job) / "__main__.log").read_text()
+
+
+def test_a_dvc_stage_prints_one_line_per_epoch_outside_a_terminal(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"] = {k: str(tmp_path / "out" / k) for k in params["paths"]}
+    params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params["pretrain"]["epochs"] = 2
+    params["backbone"]["width"] = 8
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("prepare", "pretrain"):
+        proc, _ = _run(["-m", f"transferlab.stages.{stage}", "--params", str(path)])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if " epoch " in line]
+    assert [line.split(" train_loss=")[0] for line in lines] == [
+        "pretrain (source task) epoch 1/2", "pretrain (source task) epoch 2/2"], proc.stdout
+    assert all(key in lines[0] for key in ("train_acc=", "val_loss=", "val_acc=")), lines[0]

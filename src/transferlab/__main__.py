@@ -20,6 +20,7 @@ def _groups(conf_dir: Path) -> list[str]:
 
 def main() -> None:
     import hydra
+    from hydra._internal.utils import get_args_parser
     from omegaconf import DictConfig
 
     from transferlab.cli import guarded
@@ -29,15 +30,20 @@ def main() -> None:
     if not (conf_dir / "config.yaml").is_file():
         print(f"error: no conf/config.yaml under {Path.cwd()}: run from the project root", file=sys.stderr)
         raise SystemExit(2)
-    overrides = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a]
-    guarded(lambda: check_override_keys(overrides, _groups(conf_dir)))
-    flags = [a for a in sys.argv[1:] if a.startswith("-")]
-    if not flags:
-        # A single run: validate before Hydra creates its run folder, so a bad value leaves nothing behind.
-        guarded(lambda: _validate_composition(overrides, conf_dir))
-    elif set(flags) <= {"-m", "--multirun"}:
-        # A sweep: validate every job's config before the first job starts.
-        guarded(lambda: _validate_sweep(overrides, conf_dir))
+    register_resolvers()
+    # The parser hydra.main uses (Hydra 1.3 keeps it internal): its flags and their values (-sc install=bash,
+    # -c job, -p trainer) are not overrides, and the modes that only show something run no job.
+    args = get_args_parser().parse_args(sys.argv[1:])
+    shows_only = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
+    other_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
+    if not (shows_only or other_config):
+        # Check before Hydra creates a run folder, so a bad value leaves nothing behind; a sweep checks every
+        # job before the first one starts.
+        guarded(lambda: check_override_keys(args.overrides, _groups(conf_dir)))
+        if args.multirun:
+            guarded(lambda: _validate_sweep(args.overrides, conf_dir))
+        else:
+            guarded(lambda: _validate_composition(args.overrides, conf_dir))
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir), config_name="config")
     def app(cfg: DictConfig) -> float:
@@ -52,18 +58,30 @@ def main() -> None:
         raise
 
 
+def register_resolvers() -> None:
+    """``${uid:}``: a short random id, the same wherever one config resolves it (``use_cache``; Hydra copies
+    the cache into each sweep job's config). Run and sweep folders are named by time, then this id: sortable,
+    and distinct for runs started in the same second."""
+    import secrets
+
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+
+
 def _validate_composition(overrides: list[str], conf_dir: Path) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from transferlab.compose import compose
+    from transferlab.config.preflight import preflight
     from transferlab.config.validate import load_config
 
     try:
         params = compose(overrides, config_dir=conf_dir)
     except (HydraException, OmegaConfBaseException):
         return  # Hydra reports its own composition errors (with the available options) next
-    load_config(params)
+    preflight(load_config(params))
 
 
 MAX_PRECHECKED_JOBS = 256
@@ -89,7 +107,8 @@ def guarded_experiment(cfg: "DictConfig") -> float:  # noqa: F821
 
     result: dict = {}
     guarded(lambda: result.update(experiment(cfg)))
-    return float(result["test_acc"])
+    # The sweep's objective: a validation metric (config key optimized_metric), never a test one.
+    return float(result[cfg.optimized_metric])
 
 
 def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
@@ -97,10 +116,12 @@ def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from transferlab.config.preflight import preflight
     from transferlab.config.validate import load_config
     from transferlab.pipeline import run_pipeline, with_output_dir
 
     exp = load_config(cfg)
+    preflight(exp)  # again in the job: a sweeper that picks values as it goes (Optuna) was not pre-checked
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     tags = {"launcher": "hydra", "overrides": " ".join(hc.overrides.task) or "(none)"}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import argparse
+import sys
 from typing import Any, Callable
 
 from transferlab.errors import USER_ERRORS
+
 
 # Errors a user can fix from the message alone; anything else keeps its traceback.
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -36,15 +37,35 @@ def guarded(main: Callable[[], None]) -> None:
         raise SystemExit(2) from None
 
 
+def log_to_stdout() -> None:
+    """The project's log lines (one per epoch outside a terminal) on stdout, as Hydra's app has them."""
+    import logging
+
+    logger = logging.getLogger("transferlab")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def stage_main(run: Callable[[Any], object], doc: str, argv: list[str] | None = None) -> None:
-    """A DVC stage's command line: read ``params.yaml``, validate, run."""
+    """A DVC stage's command line: read ``params.yaml``, validate, check what needs no training, run."""
     from transferlab.config.params import read_params
+    from transferlab.config.preflight import preflight
 
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="the composed config (default: params.yaml)")
     args = parser.parse_args(argv)
+    log_to_stdout()
+
+    def checked_run() -> None:
+        cfg = read_params(args.params)
+        preflight(cfg)
+        run(cfg)
+
     try:
-        guarded(lambda: run(read_params(args.params)))
+        guarded(checked_run)
     except BaseException:
         from transferlab.config.params import restore_command
 

@@ -36,13 +36,35 @@ def with_output_dir(cfg: ExperimentConfig, output_dir: str | Path) -> Experiment
     return replace(cfg, paths=paths)
 
 
-def run_pipeline(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    from transferlab.stages import evaluate, finetune, prepare, pretrain
+# The validation metrics a run reports, any of which a sweep may optimise (config key ``optimized_metric``):
+# the validation accuracy and loss at the best epoch (the checkpoint kept), as the finetune stage logs them.
+VALIDATION_METRICS = ("best_val_acc", "best_val_loss")
 
-    if not (Path(cfg.paths.prepared) / "target" / "meta.json").is_file() or (
-            cfg.backbone.weights == "source" and not (Path(cfg.paths.prepared) / "source" / "meta.json").is_file()):
-        prepare.run(cfg)
+
+def run_pipeline(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run every stage; return the MLflow run id, the validation metrics and the test accuracy."""
+    from transferlab.stages import evaluate, finetune, pretrain
+
+    prepare_shared(cfg)
     pretrain.run(cfg)
-    run_id, _ = finetune.run(cfg, tags=tags)
+    run_id, result = finetune.run(cfg, tags=tags)
+    best = result.history[result.best_epoch]
     metrics = evaluate.run(cfg)
-    return {"run_id": run_id, "test_acc": metrics["test_acc"]}
+    return {"run_id": run_id, "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
+            "test_acc": metrics["test_acc"]}
+
+
+def prepare_shared(cfg: ExperimentConfig) -> None:
+    """Prepare the data into the shared cache unless it is there; runs that need the same key at once
+    take turns (an exclusive file lock around the check and the preparation), so one prepares and the
+    others reuse it."""
+    from filelock import FileLock
+
+    from transferlab.stages import prepare
+
+    prepared = Path(cfg.paths.prepared)
+    prepared.mkdir(parents=True, exist_ok=True)
+    with FileLock(prepared / ".lock"):  # the key's folder holds target/, source/ and this lock
+        if not (prepared / "target" / "meta.json").is_file() or (
+                cfg.backbone.weights == "source" and not (prepared / "source" / "meta.json").is_file()):
+            prepare.run(cfg)

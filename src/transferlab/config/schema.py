@@ -169,6 +169,9 @@ class PathsConfig:
 @dataclass
 class ExperimentConfig:
     seed: int = 0
+    # What a sweep's job returns for the sweeper to optimise: a validation metric (best_val_acc |
+    # best_val_loss), never a test metric, so that choosing among the jobs does not select on the test set.
+    optimized_metric: str = "best_val_acc"
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)

@@ -259,5 +259,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(p.lr > 0, "pretrain.lr", f"must be > 0, got {p.lr}")
     _check(p.batch_size >= 1, "pretrain.batch_size", f"must be >= 1, got {p.batch_size}")
 
+    from transferlab.pipeline import VALIDATION_METRICS
+
+    _one_of(cfg.optimized_metric, VALIDATION_METRICS, "optimized_metric", "validation metric")
+
     _check(bool(cfg.tracking.uri), "tracking.uri", "must be a tracking URI such as sqlite:///mlflow.db")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "must be a non-empty name")

@@ -28,7 +28,7 @@ from transferlab.models.backbones import Backbone, backbone_layers
 from transferlab.models.weights import load_backbone_state, read_weights_file, read_weights_meta
 from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_layers, plan_freeze
 from transferlab.training.loop import Batches, steps_per_epoch, FitResult, TrainSettings, fit
-from transferlab.training.maxnorm import constrained_weights
+from transferlab.training.maxnorm import max_norm_weights
 from transferlab.training.optim import Schedule, create_optimizer
 from transferlab.training.param_groups import describe_groups, param_groups
 from transferlab.training.runtime import configure_threads, resolve_device, seed_everything
@@ -130,15 +130,11 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
         epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
         monitor=cfg.trainer.monitor, label_smoothing=cfg.regularisation.label_smoothing,
         aux_loss_weight=cfg.trainer.aux_loss_weight, max_norm=mn.value if mn.enabled else None,
-        max_norm_weights=list(constrained_weights(model, list(mn.layers)).values()) if mn.enabled else [],
+        max_norm_weights=max_norm_weights(model, list(mn.layers)) if mn.enabled else [],
         frozen_norms=frozen_norm_layers(model, a.plan.frozen), frozen=a.plan.frozen,
         head_only_epochs=cfg.regularisation.freeze.head_only_epochs, amp=cfg.trainer.amp,
         channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile, progress=cfg.trainer.progress,
         seed=cfg.seed, checkpoint=model_dir / BEST)
-    if mn.enabled and not settings.max_norm_weights:
-        from transferlab.training.freezing import FreezeError
-
-        raise FreezeError(f"regularisation.max_norm.layers={list(mn.layers)} matches no Linear/Conv layer")
     print(describe_groups(a.groups))
 
     run_tags = {"stage": "finetune", "backbone": cfg.backbone.name, "head": cfg.head.name,

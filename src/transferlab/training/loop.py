@@ -8,8 +8,10 @@ host once per epoch, so no step waits for a host-device sync.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +23,9 @@ from transferlab.models.heads import Head
 from transferlab.training.freezing import set_backbone_trainable, set_train_mode
 from transferlab.training.maxnorm import apply_max_norm
 from transferlab.training.optim import Schedule
+from transferlab.training.runtime import share_threads
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,7 +139,7 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
     best_value, best_epoch = -math.inf if maximise else math.inf, -1
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
-    bar = _progress(total=s.epochs * steps, desc=desc, enabled=s.progress)
+    progress = _progress(total=s.epochs * steps, desc=desc, enabled=s.progress, epochs=s.epochs)
     staged = s.head_only_epochs > 0
     if staged:
         set_backbone_trainable(model, False, keep_frozen=s.frozen)
@@ -143,6 +148,7 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
     frozen_ids = {id(p) for name, p in model.named_parameters() if name in s.frozen}
     try:
         for epoch in range(s.epochs):
+            share_threads()
             if staged and epoch == s.head_only_epochs:
                 set_backbone_trainable(model, True, keep_frozen=s.frozen)
             set_train_mode(model, s.frozen_norms)
@@ -178,7 +184,7 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
                 loss_sum += loss.detach() * y.shape[0]
                 hits += (head.predict(logits.detach()) == y).sum()
                 seen += y.shape[0]
-                bar.update(1)
+                progress.update(1)
             val_loss, val_acc = evaluate_batches(model, head, val, batch_size=s.eval_batch_size, amp=s.amp,
                                                  channels_last=s.channels_last)
             metrics = {
@@ -210,28 +216,59 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
                     save_atomic(best_state, s.checkpoint)
             metrics["best_" + s.monitor] = best_value
             history.append(metrics)
-            bar.set_postfix(epoch=epoch + 1, train_loss=f"{metrics['train_loss']:.3f}",
-                            val_acc=f"{metrics['val_acc']:.3f}")
+            progress.epoch_end(epoch, metrics)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
             schedule.step_epoch(epoch, metrics["val_loss"])
     finally:
-        bar.close()
+        progress.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     return FitResult(history, best_epoch, best_value)
 
 
-class _NoBar:
+class _NoProgress:
     def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, **kw: object) -> None: ...
+    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
     def close(self) -> None: ...
 
 
-def _progress(*, total: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
+class _Bar(_NoProgress):
+    """A terminal's progress bar: steps, with the last epoch's numbers beside it."""
 
-    # disable=None: no bar when the output is not a terminal (logs, CI, DVC in the background).
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5, disable=None)
+    def __init__(self, *, total: int, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.bar.set_postfix(epoch=epoch + 1, train_loss=f"{metrics['train_loss']:.3f}",
+                             val_acc=f"{metrics['val_acc']:.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _EpochLines(_NoProgress):
+    """Outside a terminal (DVC, CI, SLURM, a log file): one log line per epoch, e.g.
+    ``finetune epoch 3/20 train_loss=0.4123 train_acc=0.8750 val_loss=0.3987 val_acc=0.8911``."""
+
+    KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+    def __init__(self, *, desc: str, epochs: int) -> None:
+        self.desc, self.epochs = desc, epochs
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        values = " ".join(f"{k}={metrics[k]:.4f}" for k in self.KEYS)
+        log.info("%s epoch %d/%d %s", self.desc, epoch + 1, self.epochs, values)
+
+
+def _progress(*, total: int, desc: str, enabled: bool, epochs: int) -> _NoProgress:
+    if not enabled:
+        return _NoProgress()
+    if sys.stderr.isatty():  # where tqdm draws
+        return _Bar(total=total, desc=desc)
+    return _EpochLines(desc=desc, epochs=epochs)

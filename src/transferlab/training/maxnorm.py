@@ -24,6 +24,18 @@ def constrained_weights(model: nn.Module, patterns: list[str]) -> dict[str, nn.P
     return out
 
 
+def max_norm_weights(model: nn.Module, patterns: list[str]) -> list[nn.Parameter]:
+    """The weights ``regularisation.max_norm.layers`` names; a pattern that matches no Linear/Conv layer fails."""
+    from transferlab.training.freezing import FreezeError
+
+    for pattern in patterns:
+        if not constrained_weights(model, [pattern]):
+            names = [n for n, m in model.named_modules() if isinstance(m, CONSTRAINABLE)]
+            raise FreezeError(f"regularisation.max_norm.layers: '{pattern}' matches no Linear/Conv layer; "
+                              f"those are {names[:3]} ... {names[-2:]}")
+    return list(constrained_weights(model, patterns).values())
+
+
 def unit_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().flatten(1).norm(dim=1)
 

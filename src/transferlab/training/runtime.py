@@ -1,8 +1,11 @@
-"""Device choice and seeding."""
+"""Device choice, seeding and CPU threads."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +29,63 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def project_root() -> Path:
+    """The project's folder: ``DVC_ROOT`` in a DVC stage, else the working directory. A queued or
+    temporary DVC experiment runs in a copy under ``<project>/.dvc/tmp/exps/``; that maps back to
+    the project, so that all its jobs see each other."""
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    for parent in root.parents:
+        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
+            return parent.parent.parent.parent
+    return root
+
+
+JOBS_DIR = Path(".transferlab") / "jobs"  # git-ignored: one file per training process running now
+_job_file: Path | None = None
+
+
 def configure_threads(num_threads: int | None) -> None:
+    """Use ``num_threads`` CPU threads, or (null) share the CPUs with the project's other training
+    processes: this one registers itself, and :func:`share_threads` splits the CPUs among the live ones."""
+    global _job_file
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+        return
+    if _job_file is None:
+        jobs = project_root() / JOBS_DIR
+        jobs.mkdir(parents=True, exist_ok=True)
+        _job_file = jobs / str(os.getpid())
+        _job_file.touch()
+        atexit.register(_job_file.unlink, missing_ok=True)
+    share_threads()
+
+
+def share_threads() -> None:
+    """Threads = CPUs // live training processes of this project (at least 1). Called at every epoch,
+    so a job that starts or ends rebalances the others; a no-op when ``trainer.num_threads`` is set."""
+    if _job_file is None:
+        return
+    live = 0
+    for path in _job_file.parent.iterdir():
+        if path.name.isdigit() and _alive(int(path.name)):
+            live += 1
+        else:
+            path.unlink(missing_ok=True)  # left by a killed process
+    torch.set_num_threads(max(1, _cpu_count() // max(live, 1)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or SLURM), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
