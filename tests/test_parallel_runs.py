@@ -139,7 +139,7 @@ def test_threads_are_split_among_the_live_training_processes(tmp_path: Path) -> 
 
 
 def test_a_queued_dvc_experiment_registers_in_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from transferlab.training.runtime import project_root
+    from transferlab.project import project_root
 
     project = tmp_path / "project"
     for workspace in (project / ".dvc" / "tmp" / "exps" / "tmpab12cd",  # dvc queue start

@@ -38,7 +38,6 @@ def with_output_dir(cfg: ExperimentConfig, output_dir: str | Path) -> Experiment
 
 # The validation metrics a run reports, any of which a sweep may optimise (config key ``optimized_metric``):
 # the validation accuracy and loss at the best epoch (the checkpoint kept), as the finetune stage logs them.
-VALIDATION_METRICS = ("best_val_acc", "best_val_loss")
 
 
 def run_pipeline(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> dict[str, Any]:

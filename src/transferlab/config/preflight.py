@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from transferlab.config.schema import ExperimentConfig
-from transferlab.data import DataError, RawDataset, select_classes
+from transferlab.data import DataError, RawDataset, one_vs_rest, select_classes
 from transferlab.data.sources import source_class_names
 
 
@@ -42,8 +42,6 @@ def _task_classes(names: list[str], classes: list[str] | None, key: str) -> list
 
 def target_class_count(cfg: ExperimentConfig) -> int:
     """The number of classes the fine-tuning task will have; unknown class names fail here."""
-    from transferlab.stages.prepare import one_vs_rest
-
     d = cfg.data
     names = source_class_names(d.source, root=d.root, path=d.path)
     target = _task_classes(names, d.classes, "data.classes")

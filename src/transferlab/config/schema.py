@@ -166,6 +166,10 @@ class PathsConfig:
     cache: str = "outputs/cache"  # python -m transferlab: prepared data shared by runs and sweep jobs
 
 
+# What a sweep's job may return for the sweeper to optimise (``optimized_metric``).
+VALIDATION_METRICS = ("best_val_acc", "best_val_loss")
+
+
 @dataclass
 class ExperimentConfig:
     seed: int = 0

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from transferlab.config.schema import ExperimentConfig
+from transferlab.config.schema import VALIDATION_METRICS, ExperimentConfig
 from transferlab.errors import ConfigError
 
 __all__ = ["ConfigError", "check_override_keys", "load_config", "option_keys", "validate"]
@@ -259,7 +259,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(p.lr > 0, "pretrain.lr", f"must be > 0, got {p.lr}")
     _check(p.batch_size >= 1, "pretrain.batch_size", f"must be >= 1, got {p.batch_size}")
 
-    from transferlab.pipeline import VALIDATION_METRICS
 
     _one_of(cfg.optimized_metric, VALIDATION_METRICS, "optimized_metric", "validation metric")
 

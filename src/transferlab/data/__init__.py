@@ -18,7 +18,7 @@ from .sources import (
     read_image_folder,
     register_source,
 )
-from .split import cap_per_class, select_classes, stratified_split
+from .split import cap_per_class, one_vs_rest, select_classes, stratified_split
 
 __all__ = [
     "DataError",
@@ -31,6 +31,7 @@ __all__ = [
     "list_sources",
     "load_prepared",
     "load_source",
+    "one_vs_rest",
     "prepare_dataset",
     "read_prepared_meta",
     "read_image_folder",

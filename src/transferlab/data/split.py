@@ -11,9 +11,9 @@ from numbers import Integral
 
 import numpy as np
 
-from .sources import DataError
+from .sources import DataError, RawDataset
 
-__all__ = ["cap_per_class", "select_classes", "stratified_split"]
+__all__ = ["cap_per_class", "one_vs_rest", "select_classes", "stratified_split"]
 
 SPLITS = ("train", "val", "test")
 
@@ -183,3 +183,12 @@ def stratified_split(
     return {
         name: np.sort(np.concatenate(chunks)).astype(np.int64) for name, chunks in parts.items()
     }
+
+
+def one_vs_rest(raw: RawDataset, positive: str) -> RawDataset:
+    """Relabel: 1 for class ``positive``, 0 for every other class."""
+    if positive not in raw.class_names:
+        raise DataError(f"data.positive_class: Unknown class '{positive}'; expected one of {raw.class_names}")
+    pos = raw.class_names.index(positive)
+    labels = (raw.labels == pos).astype(np.int64)
+    return RawDataset(raw.images, labels, [f"not_{positive}", positive], source=raw.source)

@@ -17,16 +17,9 @@ import torch
 
 from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig
-from transferlab.data import DataError, PreparedData, RawDataset, load_source, prepare_dataset, save_prepared
-
-
-def one_vs_rest(raw: RawDataset, positive: str) -> RawDataset:
-    """Relabel: 1 for class ``positive``, 0 for every other class."""
-    if positive not in raw.class_names:
-        raise DataError(f"data.positive_class: Unknown class '{positive}'; expected one of {raw.class_names}")
-    pos = raw.class_names.index(positive)
-    labels = (raw.labels == pos).astype(np.int64)
-    return RawDataset(raw.images, labels, [f"not_{positive}", positive], source=raw.source)
+from transferlab.data import (
+    DataError, PreparedData, RawDataset, load_source, one_vs_rest, prepare_dataset, save_prepared,
+)
 
 
 def subset(raw: RawDataset, keep: np.ndarray) -> tuple[RawDataset, np.ndarray]:

@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from transferlab.tracking.preflight import TrackingError
-from transferlab.tracking.store import state_dir, tracking_uri
+from transferlab.project import state_dir
+from transferlab.tracking.store import tracking_uri
 
 CHECKPOINT_TAG = "checkpoint_sha256"
 

@@ -25,25 +25,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from transferlab.tracking.preflight import TrackingError
+from transferlab.errors import TrackingError
+from transferlab.project import project_root, state_dir
 
 # Artifacts of a SQLite store live in this folder next to the database file.
 ARTIFACTS_DIR = "mlruns"
 # Reachability probes of a tracking server: short, so a dead server fails fast.
 PROBE_TIMEOUT_S = 3.0
-STATE_DIR = ".transferlab"  # git-ignored: hand-off files, spooled records
-
-
-def project_root() -> Path:
-    """``DVC_ROOT`` inside a DVC stage (the parent repo for queued experiments), else the cwd."""
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
-
-
-def state_dir(name: str) -> Path:
-    """A folder of the project's git-ignored run state (``.transferlab/<name>``)."""
-    path = project_root() / STATE_DIR / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def tracking_uri(configured: str) -> str:

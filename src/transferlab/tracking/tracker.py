@@ -36,7 +36,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from transferlab.tracking.store import ensure_store, reachable, state_dir, tracking_uri
+from transferlab.project import state_dir
+from transferlab.tracking.store import ensure_store, reachable, tracking_uri
 
 RECORDS = "records.jsonl"
 HEADER = "run.json"

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferlab.errors import ConfigError
+from transferlab.project import state_dir
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from transferlab.errors import ConfigError
-
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device: '{name}', but CUDA is not available here; use auto or cpu")
@@ -29,18 +30,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def project_root() -> Path:
-    """The project's folder: ``DVC_ROOT`` in a DVC stage, else the working directory. A queued or
-    temporary DVC experiment runs in a copy under ``<project>/.dvc/tmp/exps/``; that maps back to
-    the project, so that all its jobs see each other."""
-    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-    for parent in root.parents:
-        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
-            return parent.parent.parent.parent
-    return root
-
-
-JOBS_DIR = Path(".transferlab") / "jobs"  # git-ignored: one file per training process running now
 _job_file: Path | None = None
 
 
@@ -52,9 +41,7 @@ def configure_threads(num_threads: int | None) -> None:
         torch.set_num_threads(num_threads)
         return
     if _job_file is None:
-        jobs = project_root() / JOBS_DIR
-        jobs.mkdir(parents=True, exist_ok=True)
-        _job_file = jobs / str(os.getpid())
+        _job_file = state_dir("jobs") / str(os.getpid())  # one file per training process running now
         _job_file.touch()
         atexit.register(_job_file.unlink, missing_ok=True)
     share_threads()
