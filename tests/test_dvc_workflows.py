@@ -62,7 +62,7 @@ def test_adding_images_re_prepares_in_dvc_and_in_the_app(project: Path) -> None:
 
 
 def test_dvc_lock_is_byte_stable_across_identical_reruns(project: Path) -> None:
-    """Passes once the tracking helper's changes (run id out of `models`, no train_seconds) are merged."""
+    """No run id in a cached output and no timing in a DVC metric: identical reruns, identical lock."""
     run(["python", "-m", "transferlab.compose", *TINY], project)
     run(["dvc", "repro"], project)
     run(["git", "add", "-A"], project)
@@ -98,7 +98,7 @@ def _exp_args(dropout: float) -> list[str]:
 
 
 def test_queued_experiments_land_in_the_project_store(project: Path) -> None:
-    """Needs the tracking helper's store resolution (DVC_ROOT): passes after integration."""
+    """DVC runs queued experiments in copies under .dvc/tmp/exps; their runs still reach the project's store."""
     for dropout in (0.1, 0.2, 0.3):
         run(["dvc", "exp", "run", "--queue", *_exp_args(dropout)], project)
     run(["dvc", "queue", "start", "-j", "2"], project)
@@ -112,7 +112,7 @@ def test_queued_experiments_land_in_the_project_store(project: Path) -> None:
 
 
 def test_temp_experiment_lands_in_the_project_store(project: Path) -> None:
-    """Needs the tracking helper's store resolution (DVC_ROOT): passes after integration."""
+    """`--temp` runs in a temporary copy; its run still reaches the project's store."""
     run(["dvc", "exp", "run", "--temp", *_exp_args(0.4)], project)
     (r, client), = _runs(project)
     assert r.data.params["regularisation.dropout.hidden"] == "0.4" and r.info.status == "FINISHED"

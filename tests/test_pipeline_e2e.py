@@ -128,7 +128,10 @@ def test_hydra_multirun_sweep(project: Path) -> None:
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     assert parent.data.tags["sweep"] == runs[0].data.tags["sweep"]
     assert parent.data.metrics["jobs"] == 3
-    assert parent.data.metrics["best_test_acc"] == max(r.data.metrics["test_acc"] for r in runs)
+    best = max(runs, key=lambda r: r.data.metrics["best_val_acc"])  # chosen on validation, not test
+    assert parent.data.metrics["best_val_acc"] == best.data.metrics["best_val_acc"]
+    assert parent.data.metrics["test_acc_of_best_val"] == best.data.metrics["test_acc"]
+    assert "best_test_acc" not in parent.data.metrics
     assert {r.data.params["regularisation.dropout.hidden"] for r in runs} == {"0.1", "0.3", "0.5"}
     assert len({r.data.tags["sweep"] for r in runs}) == 1
     assert sorted(r.data.tags["sweep_job"] for r in runs) == ["0", "1", "2"]

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from transferlab.tracking.preflight import TrackingError
+from transferlab.errors import TrackingError
 from transferlab.project import state_dir
 from transferlab.tracking.store import tracking_uri
 
