@@ -220,3 +220,24 @@ def test_interrupted_finetune_keeps_its_run_metrics_and_checkpoint(tmp_path: Pat
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
+
+
+def test_zero_lr_freezing_counts_the_same_frozen_parameters_everywhere(tmp_path: Path, monkeypatch) -> None:
+    """zero_lr keeps frozen weights' gradients on; the logged params and summary.txt still agree."""
+    import mlflow
+
+    from transferlab.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path, "trainer.epochs=1", "regularisation.freeze.method=zero_lr",
+               "regularisation.freeze.first_n=2")
+    run_id = run_pipeline(cfg)["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = client.get_run(run_id).data.params
+    frozen = int(params["model.params_frozen"])
+    summary = Path(client.download_artifacts(run_id, "model_info/summary.txt", str(tmp_path))).read_text()
+    line = next(x for x in summary.splitlines() if x.startswith("Frozen params:"))
+    assert frozen > 0
+    assert int(line.split(":")[1].replace(",", "")) == frozen
+    total = int(params["model.params_total"])
+    assert int(params["model.params_trainable"]) == total - frozen

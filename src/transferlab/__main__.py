@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transferlab.config.schema import ExperimentConfig
 
 CONF_DIR = Path("conf")
 
@@ -69,7 +73,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 
-def _validate_composition(overrides: list[str], conf_dir: Path) -> None:
+def _validate_composition(overrides: list[str], conf_dir: Path, *, tracking: bool = True) -> "ExperimentConfig | None":
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -80,8 +84,10 @@ def _validate_composition(overrides: list[str], conf_dir: Path) -> None:
     try:
         params = compose(overrides, config_dir=conf_dir)
     except (HydraException, OmegaConfBaseException):
-        return  # Hydra reports its own composition errors (with the available options) next
-    preflight(load_config(params))
+        return None  # Hydra reports its own composition errors (with the available options) next
+    cfg = load_config(params)
+    preflight(cfg, tracking=tracking)
+    return cfg
 
 
 MAX_PRECHECKED_JOBS = 256
@@ -98,8 +104,16 @@ def _validate_sweep(overrides: list[str], conf_dir: Path) -> None:
         jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
     except Exception:
         return  # Hydra reports bad override syntax itself
-    for job in jobs[:MAX_PRECHECKED_JOBS]:
-        _validate_composition(list(job), conf_dir)
+    from transferlab.tracking.preflight import check_tracking
+
+    # Every job's config first, then each distinct tracking setup: a bad job must not find a store made.
+    configs = [_validate_composition(list(job), conf_dir, tracking=False) for job in jobs[:MAX_PRECHECKED_JOBS]]
+    checked = set()
+    for cfg in filter(None, configs):
+        setup = (cfg.tracking.uri, cfg.tracking.experiment, cfg.backbone.weights)
+        if setup not in checked:
+            checked.add(setup)
+            check_tracking(cfg)
 
 
 def guarded_experiment(cfg: "DictConfig") -> float:  # noqa: F821

@@ -21,7 +21,7 @@ def prepared_key(cfg: ExperimentConfig) -> str:
     """Everything the prepare stage's output depends on, the listing of the files it reads included."""
     from transferlab.data.sources import folder_fingerprint
 
-    key = {"data": asdict(cfg.data), "seed": cfg.seed, "source": cfg.backbone.weights == "source",
+    key = {"data": asdict(cfg.data), "seed": cfg.seed,
            "pretrain": [cfg.pretrain.classes, cfg.pretrain.max_per_class],
            "inputs": folder_fingerprint(cfg.data.inputs)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -65,5 +65,5 @@ def prepare_shared(cfg: ExperimentConfig) -> None:
     prepared.mkdir(parents=True, exist_ok=True)
     with FileLock(prepared / ".lock"):  # the key's folder holds target/, source/ and this lock
         if not (prepared / "target" / "meta.json").is_file() or (
-                cfg.backbone.weights == "source" and not (prepared / "source" / "meta.json").is_file()):
+                cfg.pretrain.classes is not None and not (prepared / "source" / "meta.json").is_file()):
             prepare.run(cfg)

@@ -24,13 +24,18 @@ from transferlab.data import DataError, RawDataset, one_vs_rest, select_classes
 from transferlab.data.sources import source_class_names
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Raise the error a later stage would raise, naming the key, before any work."""
+def preflight(cfg: ExperimentConfig, *, tracking: bool = True) -> None:
+    """Raise the error a later stage would raise, naming the key, before any work.
+
+    ``tracking=False`` leaves out the tracking checks, which create the store: a sweep
+    checks every job's config first, so that a bad job leaves nothing behind.
+    """
     from transferlab.tracking.preflight import check_tracking
 
     num_classes = target_class_count(cfg)
     check_model(cfg, num_classes)
-    check_tracking(cfg)
+    if tracking:
+        check_tracking(cfg)
 
 
 def _task_classes(names: list[str], classes: list[str] | None, key: str) -> list[str]:
@@ -45,7 +50,7 @@ def target_class_count(cfg: ExperimentConfig) -> int:
     d = cfg.data
     names = source_class_names(d.source, root=d.root, path=d.path)
     target = _task_classes(names, d.classes, "data.classes")
-    if cfg.backbone.weights == "source":
+    if cfg.pretrain.classes is not None:
         _task_classes(names, cfg.pretrain.classes, "pretrain.classes")
     if d.positive_class is not None:
         empty = RawDataset(np.zeros((0, 1, 1, 1), dtype=np.uint8), np.zeros(0, dtype=np.int64), names)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from transferlab.config.params import to_container
 from transferlab.cli import stage_main
@@ -88,12 +87,6 @@ def layer_rows(a: Assembled) -> list[dict[str, Any]]:
                      "trainable": "no" if len(frozen) == len(params) else ("partly" if frozen else "yes"),
                      "lr": "/".join(f"{x:.3g}" for x in lrs) if lrs else "-"})
     return rows
-
-
-def param_counts(model: nn.Module, plan: FreezePlan) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    frozen = sum(p.numel() for n, p in model.named_parameters() if n in plan.frozen)
-    return {"model.params_total": total, "model.params_trainable": total - frozen, "model.params_frozen": frozen}
 
 
 def _to_device(data: PreparedData, split: str, device: torch.device) -> Batches:
@@ -180,11 +173,11 @@ def _log_setup(tracker: "Tracker", cfg: ExperimentConfig, a: Assembled, data: Pr
                device: torch.device) -> None:
     from transferlab.tracking.graph import plot_model
     from transferlab.tracking.run import flatten
-    from transferlab.tracking.summary import summary_text
+    from transferlab.tracking.summary import param_counts, summary_text
 
     container = to_container(cfg)
     tracker.log_params(flatten(container))
-    counts = param_counts(a.model, a.plan)
+    counts = {f"model.params_{k}": v for k, v in param_counts(a.model, a.plan.frozen).items()}
     tracker.log_params({**counts, "data.num_classes": data.num_classes, "data.class_names": str(data.class_names),
                         "data.train_size": len(data.splits["train"]), "device": str(device),
                         "model.input_size": cfg.backbone.input_size,
@@ -201,7 +194,7 @@ def _log_setup(tracker: "Tracker", cfg: ExperimentConfig, a: Assembled, data: Pr
     example = data.splits["val"].images[:1].to(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
-        text = summary_text(a.model, example) + "\n\nParameter groups\n" + describe_groups(a.groups) + "\n"
+        text = summary_text(a.model, example, a.plan.frozen) + "\n\nParameter groups\n" + describe_groups(a.groups) + "\n"
         (tmp_dir / "summary.txt").write_text(text)
         tracker.log_artifact(tmp_dir / "summary.txt", artifact_path="model_info")
         if cfg.tracking.log_graph:

@@ -1,7 +1,9 @@
 """Stage ``prepare``: decode the images once into compact tensors.
 
 Writes ``<paths.prepared>/target`` (the fine-tuning task) and, when
-``backbone.weights=source``, ``<paths.prepared>/source`` (the source task):
+``pretrain.classes`` names a source task, ``<paths.prepared>/source`` (what
+``backbone.weights=source`` pretrains on; which weights a run uses is not
+this stage's concern, so switching them never re-prepares the data):
 uint8 images, labels, class names and normalisation statistics per split.
 Later stages never decode an image file again.
 """
@@ -92,7 +94,7 @@ def _run(cfg: ExperimentConfig) -> dict[str, PreparedData]:
                       download=d.download)
     tasks = {"target": build_task(raw, cfg, classes=d.classes, max_per_class=d.max_per_class,
                                   positive=d.positive_class, key="data.classes")}
-    if cfg.backbone.weights == "source":
+    if cfg.pretrain.classes is not None:
         tasks["source"] = build_source_task(raw, cfg, tasks["target"])
     out = Path(cfg.paths.prepared)
     out.mkdir(parents=True, exist_ok=True)

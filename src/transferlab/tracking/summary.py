@@ -7,7 +7,7 @@ produces, not what its constructor arguments suggest.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -27,17 +27,26 @@ class LayerRow:
     trainable: int  # own parameters with requires_grad
 
 
-def param_counts(model: nn.Module) -> dict[str, int]:
-    """Total, trainable and frozen parameter counts (shared parameters counted once)."""
+def param_counts(model: nn.Module, frozen: Collection[str] = frozenset()) -> dict[str, int]:
+    """Total, trainable and frozen parameter counts (shared parameters counted once).
+
+    A parameter is frozen when it does not require grad, or when its name is in
+    ``frozen`` (the ``zero_lr`` freezing method keeps frozen parameters' grads on).
+    """
     total = trainable = 0
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         total += p.numel()
-        if p.requires_grad:
+        if _trainable(name, p, frozen):
             trainable += p.numel()
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
 
 
-def module_table(model: nn.Module, example_input: torch.Tensor) -> list[LayerRow]:
+def _trainable(name: str, param: nn.Parameter, frozen: Collection[str]) -> bool:
+    return param.requires_grad and name not in frozen
+
+
+def module_table(model: nn.Module, example_input: torch.Tensor,
+                 frozen: Collection[str] = frozenset()) -> list[LayerRow]:
     """One row per module, containers and the root included.
 
     Rows are in the order modules are first entered during the forward pass
@@ -80,20 +89,21 @@ def module_table(model: nn.Module, example_input: torch.Tensor) -> list[LayerRow
     order = {name: first_call.get(name, len(modules) + i) for i, name in enumerate(modules)}
     rows = []
     for name in sorted(modules, key=order.__getitem__):
-        own = list(modules[name].parameters(recurse=False))
+        own = [(f"{name}.{n}" if name else n, p) for n, p in modules[name].named_parameters(recurse=False)]
         rows.append(
             LayerRow(
                 name=name,
                 kind=type(modules[name]).__name__,
                 output_shape=shapes.get(name),
-                params=sum(p.numel() for p in own),
-                trainable=sum(p.numel() for p in own if p.requires_grad),
+                params=sum(p.numel() for _, p in own),
+                trainable=sum(p.numel() for n, p in own if _trainable(n, p, frozen)),
             )
         )
     return rows
 
 
-def layer_table(model: nn.Module, example_input: torch.Tensor) -> list[LayerRow]:
+def layer_table(model: nn.Module, example_input: torch.Tensor,
+                frozen: Collection[str] = frozenset()) -> list[LayerRow]:
     """Leaf modules, plus any module holding parameters of its own, in forward order.
 
     That selection covers every parameter exactly once (e.g. a ViT's
@@ -102,12 +112,12 @@ def layer_table(model: nn.Module, example_input: torch.Tensor) -> list[LayerRow]
     children = {name: any(True for _ in m.children()) for name, m in model.named_modules()}
     return [
         row
-        for row in module_table(model, example_input)
+        for row in module_table(model, example_input, frozen)
         if not children[row.name] or row.params > 0
     ]
 
 
-def summary_text(model: nn.Module, example_input: torch.Tensor) -> str:
+def summary_text(model: nn.Module, example_input: torch.Tensor, frozen: Collection[str] = frozenset()) -> str:
     """A Keras-like text table of :func:`layer_table` followed by parameter totals."""
     header = ("Layer", "Type", "Output shape", "Params", "Trainable")
     body = [
@@ -118,7 +128,7 @@ def summary_text(model: nn.Module, example_input: torch.Tensor) -> str:
             f"{row.params:,}",
             f"{row.trainable:,}",
         )
-        for row in layer_table(model, example_input)
+        for row in layer_table(model, example_input, frozen)
     ]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
@@ -129,7 +139,7 @@ def summary_text(model: nn.Module, example_input: torch.Tensor) -> str:
         return "  ".join(parts).rstrip()
 
     rule_width = sum(widths) + 2 * (len(widths) - 1)
-    counts = param_counts(model)
+    counts = param_counts(model, frozen)
     lines = [
         f'Model: "{type(model).__name__}"',
         "=" * rule_width,
