@@ -171,7 +171,7 @@ def test_run_and_sweep_folders_are_sortable_and_unique_within_a_second() -> None
         folders.append(run_dir.name)
     assert folders[0] != folders[1]
     # The id follows the time, so names sort by when the run started.
-    assert sorted(folders) == sorted(folders, key=lambda name: name[:19])
+    assert [name[:19] for name in sorted(folders)] == sorted(name[:19] for name in folders)
 
 
 PROBE = '''

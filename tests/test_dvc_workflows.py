@@ -118,3 +118,21 @@ def test_temp_experiment_lands_in_the_project_store(project: Path) -> None:
     assert r.data.params["regularisation.dropout.hidden"] == "0.4" and r.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1]
     assert "test_acc" in r.data.metrics
+
+
+def test_prepare_does_not_depend_on_which_weights_are_used(project: Path) -> None:
+    """Switching backbone.weights between two non-`source` values leaves `prepare` up to date;
+    a value prepare does read (data.val_fraction) changes it."""
+    run(["python", "-m", "transferlab.compose", *TINY, "backbone.weights=null"], project)
+    run(["dvc", "repro", "prepare"], project)
+    assert "up to date" in run(["dvc", "status", "prepare"], project).stdout
+    weights = project / "init.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"block1.0.weight": torch.zeros(8, 1, 3, 3)}, str(weights))
+    run(["python", "-m", "transferlab.compose", *TINY, f"backbone.weights={weights}"], project)
+    assert "up to date" in run(["dvc", "status", "prepare"], project).stdout
+    run(["python", "-m", "transferlab.compose", *TINY, f"backbone.weights={weights}", "data.val_fraction=0.2"],
+        project)
+    assert "modified" in run(["dvc", "status", "prepare"], project).stdout
