@@ -72,8 +72,9 @@ def test_fit_on_cuda_keeps_frozen_layers_and_max_norm(amp: bool, channels_last: 
 
 def test_training_steps_do_not_sync_with_the_host() -> None:
     """Steps must not wait for the GPU: at most a few syncs per epoch (the
-    epoch's metrics), never one per step."""
-    from transferlab.config.schema import OptimizerConfig, SchedulerConfig
+    epoch's metrics), never one per step; augmentation included."""
+    from transferlab.config.schema import AugmentConfig, OptimizerConfig, SchedulerConfig
+    from transferlab.training.augment import create_augment
     from transferlab.training.loop import TrainSettings, fit, steps_per_epoch
     from transferlab.training.maxnorm import constrained_weights
     from transferlab.training.optim import Schedule, create_optimizer
@@ -88,7 +89,7 @@ def test_training_steps_do_not_sync_with_the_host() -> None:
     schedule = Schedule(opt, SchedulerConfig(name="onecycle"), epochs=2, steps_per_epoch=steps)
     settings = TrainSettings(epochs=2, batch_size=32, max_norm=3.0,
                              max_norm_weights=list(constrained_weights(model, ["head.*"]).values()),
-                             progress=False)
+                             progress=False, augment=create_augment(AugmentConfig(name="flip", p=0.5)))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -100,3 +101,17 @@ def test_training_steps_do_not_sync_with_the_host() -> None:
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     print(f"{len(syncs)} host-device syncs in {2 * steps} steps")
     assert len(syncs) < steps, f"{len(syncs)} syncs for {2 * steps} steps: a step waits for the GPU"
+
+
+def test_flip_on_cuda_is_seeded_and_per_sample() -> None:
+    from transferlab.config.schema import AugmentConfig
+    from transferlab.training.augment import create_augment
+
+    train, _ = _digits_on(torch.device("cuda"))
+    x = train.images[:256]
+    flip = create_augment(AugmentConfig(name="flip", p=0.5))
+    first = flip(x, torch.Generator("cuda").manual_seed(0))
+    assert first.device == x.device and first.dtype == torch.uint8
+    assert torch.equal(first, flip(x, torch.Generator("cuda").manual_seed(0)))
+    flipped = int((first != x).flatten(1).any(dim=1).sum())
+    assert 64 < flipped < 192

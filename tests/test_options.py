@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, subprocess_env
 from transferlab.compose import compose
-from transferlab.config.validate import ConfigError, load_config, option_keys
+from transferlab.config.validate import ConfigError, load_config, option_keys, option_registries
 
 CONF = REPO / "conf"
 
@@ -60,7 +60,7 @@ def test_the_app_refuses_before_any_work(tmp_path: Path) -> None:
 def test_every_option_file_holds_exactly_its_choice_s_keys() -> None:
     import yaml
 
-    for group in ("backbone", "head", "optimizer", "scheduler"):
+    for group in option_registries():
         for path in sorted((CONF / group).glob("*.yaml")):
             keys = sorted(yaml.safe_load(path.read_text()))
             assert keys == option_keys(group, path.stem), path

@@ -124,6 +124,12 @@ class SchedulerConfig:
 
 
 @dataclass
+class AugmentConfig:
+    name: str = "none"  # none | flip: applied to each training batch on the device (never to evaluation)
+    p: float = 0.5  # flip: probability that a sample is flipped horizontally
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 10
     batch_size: int = 64
@@ -182,6 +188,7 @@ class ExperimentConfig:
     regularisation: RegularisationConfig = field(default_factory=RegularisationConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -24,9 +24,11 @@ def option_registries() -> dict[str, Any]:
     """The config groups whose choices (``<group>.name``) take keys of their own."""
     from transferlab.models.backbones import BACKBONES
     from transferlab.models.heads import HEADS
+    from transferlab.training.augment import AUGMENTATIONS
     from transferlab.training.optim import OPTIMIZERS, SCHEDULERS
 
-    return {"backbone": BACKBONES, "head": HEADS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
+    return {"backbone": BACKBONES, "head": HEADS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+            "augment": AUGMENTATIONS}
 
 
 def option_keys(group: str, name: str) -> list[str] | None:
@@ -136,6 +138,7 @@ def validate(cfg: ExperimentConfig) -> None:
     from transferlab.models.backbones import list_backbones
     from transferlab.models.heads import POOLINGS, list_heads
     from transferlab.models.activations import list_activations
+    from transferlab.training.augment import list_augmentations
     from transferlab.training.optim import list_optimizers, list_schedulers
     from transferlab.models.weights import check_weights_spec
 
@@ -235,6 +238,10 @@ def validate(cfg: ExperimentConfig) -> None:
         with_momentum = [n for n in OPTIMIZERS.names() if OPTIMIZERS[n].info.get("momentum")]
         _check(o.name in with_momentum, "scheduler.momentum.enabled",
                f"a momentum schedule needs one of {with_momentum}, not {o.name}")
+
+    a = cfg.augment
+    _one_of(a.name, list_augmentations(), "augment.name", "augmentation")
+    _check(0.0 <= a.p <= 1.0, "augment.p", f"must be a probability in [0, 1], got {a.p}")
 
     t = cfg.trainer
     _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")

@@ -25,6 +25,7 @@ from transferlab.data import PreparedData, load_prepared
 from transferlab.models.assemble import FineTuneModel, Normalisation, build_model, resolve_input_size
 from transferlab.models.backbones import Backbone, backbone_layers
 from transferlab.models.weights import load_backbone_state, read_weights_file, read_weights_meta
+from transferlab.training.augment import create_augment
 from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_layers, plan_freeze
 from transferlab.training.loop import Batches, steps_per_epoch, FitResult, TrainSettings, fit
 from transferlab.training.maxnorm import max_norm_weights
@@ -127,7 +128,7 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
         frozen_norms=frozen_norm_layers(model, a.plan.frozen), frozen=a.plan.frozen,
         head_only_epochs=cfg.regularisation.freeze.head_only_epochs, amp=cfg.trainer.amp,
         channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile, progress=cfg.trainer.progress,
-        seed=cfg.seed, checkpoint=model_dir / BEST)
+        seed=cfg.seed, checkpoint=model_dir / BEST, augment=create_augment(cfg.augment))
     print(describe_groups(a.groups))
 
     run_tags = {"stage": "finetune", "backbone": cfg.backbone.name, "head": cfg.head.name,

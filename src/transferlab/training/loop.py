@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from transferlab.models.heads import Head
+from transferlab.training.augment import Augment
 from transferlab.training.freezing import set_backbone_trainable, set_train_mode
 from transferlab.training.maxnorm import apply_max_norm
 from transferlab.training.optim import Schedule
@@ -55,6 +56,7 @@ class TrainSettings:
     compile: bool = False
     progress: bool = True
     seed: int = 0
+    augment: Augment | None = None  # applied to each training batch (uint8, on the device)
     checkpoint: Path | None = None  # the best state dict goes here
 
 
@@ -66,6 +68,7 @@ class FitResult:
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+AUGMENT_SEED_OFFSET = 0x5EED  # the augmentation's generator: seed + this
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -133,6 +136,8 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
     device = train.images.device
     forward = torch.compile(model) if s.compile else model
     generator = torch.Generator().manual_seed(s.seed)
+    # The augmentation's per-sample randomness: on the data's device, a stream apart from the shuffling's.
+    augment_generator = torch.Generator(device).manual_seed(s.seed + AUGMENT_SEED_OFFSET)
     n = len(train)
     steps = steps_per_epoch(n, s.batch_size)
     maximise = s.monitor.endswith("acc")
@@ -167,6 +172,8 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
             for step in range(steps):
                 idx = order[step * s.batch_size:(step + 1) * s.batch_size]
                 x, y = train.images[idx], train.labels[idx]
+                if s.augment is not None:
+                    x = s.augment(x, augment_generator)
                 if s.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, s.amp):
