@@ -64,3 +64,13 @@ def test_every_option_file_holds_exactly_its_choice_s_keys() -> None:
         for path in sorted((CONF / group).glob("*.yaml")):
             keys = sorted(yaml.safe_load(path.read_text()))
             assert keys == option_keys(group, path.stem), path
+
+
+def test_unknown_class_names_with_a_positive_class_are_refused_not_dropped() -> None:
+    from transferlab.config.preflight import preflight
+    from transferlab.data import DataError
+
+    cfg = load_config(compose(["experiment=keras_mlp", "data.positive_class=3", "data.classes=[3,8,x]"],
+                              config_dir=CONF))
+    with pytest.raises(DataError, match=r"^data.classes=\['3', '8', 'x'\]: Unknown class 'x'"):
+        preflight(cfg, tracking=False)
