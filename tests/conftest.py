@@ -68,3 +68,37 @@ def _mlflow_environment() -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+def params_file(tmp_path: Path, edits: dict[str, object]) -> Path:
+    """The repo's params.yaml with ``edits`` (dotted keys) applied and every path and the store under
+    ``tmp_path``, so that even a stage that wrongly went on would not touch the repo."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["paths"] = {k: str(tmp_path / "out" / k) for k in params["paths"]}
+    params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for key, value in edits.items():
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def digit_batches(n_train: int, n_val: int):  # type: ignore[no-untyped-def]
+    """Training and validation Batches of the real 8x8 digits, uint8 like the prepared data."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    from transferlab.training.loop import Batches
+
+    raw = load_digits()
+    images = torch.from_numpy(np.rint(raw.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(raw.target.astype(np.int64))
+    end = n_train + n_val
+    return Batches(images[:n_train], labels[:n_train]), Batches(images[n_train:end], labels[n_train:end])

@@ -3,12 +3,10 @@ loop applies an augmentation (training batches only, seeded, on the data's devic
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
-from conftest import REPO
+from conftest import REPO, digit_batches
 from transferlab.compose import compose
 from transferlab.config.schema import AugmentConfig, BackboneConfig, ExperimentConfig, OptimizerConfig, SchedulerConfig
 from transferlab.config.validate import ConfigError, load_config
@@ -22,10 +20,7 @@ from transferlab.training.param_groups import param_groups
 @pytest.fixture(scope="module")
 def digits() -> tuple[Batches, Batches]:
     """200 training and 60 validation images of the real 8x8 digits, uint8 like the prepared data."""
-    raw = load_digits()
-    images = torch.from_numpy(np.rint(raw.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
-    labels = torch.from_numpy(raw.target.astype(np.int64))
-    return Batches(images[:200], labels[:200]), Batches(images[200:260], labels[200:260])
+    return digit_batches(200, 60)
 
 
 def _flip(p: float):  # type: ignore[no-untyped-def]

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import params_file
+
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
 # What a command could create in the project root if it ignored the paths it is given.
@@ -67,20 +69,7 @@ def test_bad_override_fails_fast_and_leaves_nothing(override: str, expected: lis
 
 
 def _bad_params(tmp_path: Path, edit: dict[str, dict[str, object]]) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    # Every path under tmp_path, so that even a stage that wrongly went on would not touch the repo.
-    params["paths"] = {k: str(tmp_path / "out" / k) for k in params["paths"]}
-    params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for section, values in edit.items():
-        for key, value in values.items():
-            node = params[section]
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+    return params_file(tmp_path, {f"{section}.{key}": v for section, values in edit.items() for key, v in values.items()})
 
 
 @pytest.mark.parametrize(
@@ -223,13 +212,7 @@ def test_sweep_objective_is_the_configured_validation_metric_and_epochs_are_logg
 
 
 def test_a_dvc_stage_prints_one_line_per_epoch_outside_a_terminal(tmp_path: Path) -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["paths"] = {k: str(tmp_path / "out" / k) for k in params["paths"]}
-    params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params["pretrain"]["epochs"] = 2
-    params["backbone"]["width"] = 8
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path = params_file(tmp_path, {"pretrain.epochs": 2, "backbone.width": 8})
     for stage in ("prepare", "pretrain"):
         proc, _ = _run(["-m", f"transferlab.stages.{stage}", "--params", str(path)])
         assert proc.returncode == 0, proc.stdout + proc.stderr

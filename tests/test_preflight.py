@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from transferlab.compose import compose
@@ -18,7 +17,7 @@ from transferlab.config.validate import load_config
 from transferlab.models.heads import HeadError
 from transferlab.training.freezing import FreezeError
 
-from conftest import subprocess_env
+from conftest import params_file, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str([str(i) for i in range(10)])
@@ -73,18 +72,7 @@ def test_a_sweep_with_one_bad_job_runs_no_job(tmp_path: Path) -> None:
 
 
 def _params(tmp_path: Path, **edits: object) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["paths"] = {k: str(tmp_path / "out" / k) for k in params["paths"]}
-    params["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for key, value in edits.items():
-        *parents, leaf = key.split("__")
-        node = params
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+    return params_file(tmp_path, {key.replace("__", "."): value for key, value in edits.items()})
 
 
 @pytest.mark.parametrize("stage", ["prepare", "pretrain", "finetune", "evaluate"])

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
+from conftest import digit_batches
 from transferlab.config.schema import (
     BackboneConfig,
     ExperimentConfig,
@@ -43,10 +42,7 @@ BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 @pytest.fixture(scope="module")
 def digits() -> tuple[Batches, Batches]:
     """240 training and 80 validation images of the real 8x8 digits, as uint8 like the prepared data."""
-    raw = load_digits()
-    images = torch.from_numpy(np.rint(raw.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
-    labels = torch.from_numpy(raw.target.astype(np.int64))
-    return Batches(images[:240], labels[:240]), Batches(images[240:320], labels[240:320])
+    return digit_batches(240, 80)
 
 
 def _model(*, first_n: int = 0, whole: bool = False, patterns: list[str] | None = None,
