@@ -102,3 +102,24 @@ def digit_batches(n_train: int, n_val: int):  # type: ignore[no-untyped-def]
     labels = torch.from_numpy(raw.target.astype(np.int64))
     end = n_train + n_val
     return Batches(images[:n_train], labels[:n_train]), Batches(images[n_train:end], labels[n_train:end])
+
+
+def build_model_for(cfg, *, num_classes: int, data_channels: int, mean: list[float], std: list[float],
+                    data_size: int = 8):  # type: ignore[no-untyped-def]
+    """The fine-tuning model ``cfg`` describes for data of these facts (fresh weights), via its model spec."""
+    from transferlab.models.assemble import ModelSpec, build_model
+
+    spec = ModelSpec.decide(cfg, class_names=[str(i) for i in range(num_classes)], data_channels=data_channels,
+                            data_size=data_size, data_mean=mean, data_std=std)
+    return build_model(spec)
+
+
+def prepared_from(train, val, *, num_classes: int = 10):  # type: ignore[no-untyped-def]
+    """A PreparedData of two Batches (test = val), with the training split's channel statistics."""
+    from transferlab.data.prepared import PreparedData, Split
+
+    x = train.images.cpu().double() / 255
+    mean, std = x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3), unbiased=False).tolist()
+    splits = {"train": Split(train.images, train.labels), "val": Split(val.images, val.labels),
+              "test": Split(val.images, val.labels)}
+    return PreparedData(splits, [str(i) for i in range(num_classes)], mean, std)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REPO, digit_batches
+from conftest import REPO, build_model_for, digit_batches
 from transferlab.compose import compose
 from transferlab.config.schema import AugmentConfig, BackboneConfig, ExperimentConfig, OptimizerConfig, SchedulerConfig
 from transferlab.config.validate import ConfigError, load_config
-from transferlab.models.assemble import Normalisation, build_model
 from transferlab.training.augment import create_augment
 from transferlab.training.loop import Batches, TrainSettings, fit, steps_per_epoch
 from transferlab.training.optim import Schedule, create_optimizer
@@ -83,7 +82,7 @@ def _train(data: tuple[Batches, Batches], augment, *, epochs: int = 2, batch_siz
     """small_cnn + linear head fitted as the finetune stage does it, minus MLflow; returns its state."""
     torch.manual_seed(0)
     cfg = ExperimentConfig(backbone=BackboneConfig(name="small_cnn", input_size=8, channels=1, width=8, depth=2))
-    model, _ = build_model(cfg, num_classes=10, data_channels=1, normalisation=Normalisation([0.3], [0.4]))
+    model, _ = build_model_for(cfg, num_classes=10, data_channels=1, mean=[0.3], std=[0.4])
     opt = OptimizerConfig(name="sgd", lr=0.05)
     optimizer = create_optimizer(param_groups(model, lr=opt.lr, backbone_lr_mult=1.0, weight_decay=0.0), opt)
     train, val = data

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import build_model_for
 from transferlab.config.schema import BackboneConfig, ExperimentConfig, HeadConfig, OptimizerConfig, SchedulerConfig
 from transferlab.models.activations import get_activation, list_activations
-from transferlab.models.assemble import FineTuneModel, Normalisation, Preprocess, build_model
+from transferlab.models.assemble import FineTuneModel, Preprocess
 from transferlab.models.backbones import (
     INCEPTION_AUX_MIN_SIZE,
     backbone_layers,
@@ -24,7 +25,7 @@ from transferlab.training.loop import Batches, TrainSettings, fit
 from transferlab.training.optim import Schedule, create_optimizer
 from transferlab.training.param_groups import param_groups
 
-GRAY = Normalisation([0.5], [0.25])
+GRAY = {"mean": [0.5], "std": [0.25]}
 
 
 def _experiment(name: str, *, input_size: int, head: HeadConfig | None = None) -> ExperimentConfig:
@@ -35,8 +36,8 @@ def _experiment(name: str, *, input_size: int, head: HeadConfig | None = None) -
     )
 
 
-def _norm(channels: int) -> Normalisation:
-    return Normalisation([0.5] * channels, [0.25] * channels)
+def _norm(channels: int) -> dict[str, list[float]]:
+    return {"mean": [0.5] * channels, "std": [0.25] * channels}
 
 
 def _raw_batch(n: int, *, seed: int, num_classes: int = 3, size: int = 8) -> Batches:
@@ -96,12 +97,12 @@ def test_every_backbone_builds_and_trains_one_step(name: str) -> None:
     channels = cfg.backbone.channels
     if name == "inception_v3":
         with pytest.warns(UserWarning, match=r"inception_v3 at 75 px: the auxiliary logits need >= 299 px"):
-            model, backbone = build_model(cfg, num_classes=3, data_channels=1, normalisation=_norm(channels))
+            model, backbone = build_model_for(cfg, num_classes=3, data_channels=1, **_norm(channels))
         assert backbone.aux_features is None and model.aux_head is None
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no other backbone warns
-            model, backbone = build_model(cfg, num_classes=3, data_channels=1, normalisation=_norm(channels))
+            model, backbone = build_model_for(cfg, num_classes=3, data_channels=1, **_norm(channels))
 
     # fresh weights: the torchvision classifier is cut, the features have the documented width
     with torch.no_grad():
@@ -151,7 +152,7 @@ def test_inception_299_training_returns_aux_logits_and_the_loop_adds_aux_loss() 
     cfg = _experiment("inception_v3", input_size=INCEPTION_AUX_MIN_SIZE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # at 299 px nothing is switched off
-        model, backbone = build_model(cfg, num_classes=3, data_channels=1, normalisation=_norm(3))
+        model, backbone = build_model_for(cfg, num_classes=3, data_channels=1, **_norm(3))
     assert backbone.aux_features == 768
     assert backbone.replaced_keys == ("fc.", "AuxLogits.fc.")
     assert backbone.module.transform_input is False  # preprocessing already normalised the input
@@ -372,13 +373,13 @@ def test_build_model_wires_dropouts_and_head() -> None:
     cfg.regularisation.dropout.input = 0.2
     cfg.regularisation.dropout.features = 0.5
     cfg.regularisation.dropout.hidden = 0.3
-    model, backbone = build_model(cfg, num_classes=10, data_channels=1, normalisation=GRAY)
+    model, backbone = build_model_for(cfg, num_classes=10, data_channels=1, **GRAY)
     assert isinstance(model.input_dropout, nn.Dropout) and model.input_dropout.p == 0.2
     assert isinstance(model.feature_dropout, nn.Dropout) and model.feature_dropout.p == 0.5
     assert [m.p for m in model.head.hidden if isinstance(m, nn.Dropout)] == [0.3, 0.3]
     assert model.backbone is backbone.module
     cfg.regularisation.dropout.per_layer = [0.1, 0.0]
-    model, _ = build_model(cfg, num_classes=10, data_channels=1, normalisation=GRAY)
+    model, _ = build_model_for(cfg, num_classes=10, data_channels=1, **GRAY)
     assert [m.p for m in model.head.hidden if isinstance(m, nn.Dropout)] == [0.1]
     x = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
     assert model.eval()(x).shape == (3, 10)
@@ -388,7 +389,7 @@ def _head_linears(init: str) -> list[nn.Linear]:
     torch.manual_seed(0)
     cfg = ExperimentConfig(backbone=BackboneConfig(name="mlp", input_size=8, channels=1),
                            head=HeadConfig(name="mlp", hidden=[256], init=init))
-    model, backbone = build_model(cfg, num_classes=10, data_channels=1, normalisation=GRAY)
+    model, backbone = build_model_for(cfg, num_classes=10, data_channels=1, **GRAY)
     assert backbone.out_features == 64
     return [m for m in model.head.modules() if isinstance(m, nn.Linear)]
 

@@ -358,7 +358,7 @@ def test_pipeline_makes_one_finished_run_with_lineage(sqlite_run: Finished) -> N
     assert (tags["stage"], tags["backbone"], tags["head"]) == ("finetune", "small_cnn", "overcomplete")
 
     model_dir = Path(sqlite_run.cfg.paths.model)
-    assert sorted(p.name for p in model_dir.iterdir()) == ["best.pt", "layers.csv"], "no run id in the model output"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["best.pt", "layers.csv", "model_spec.json"], "no run id in the model output"
     assert run_of_model(model_dir, uri=sqlite_run.uri, experiment=sqlite_run.cfg.tracking.experiment,
                         checkpoint=model_dir / "best.pt") == sqlite_run.run_id
 
@@ -426,8 +426,8 @@ def test_pipeline_artifacts(sqlite_run: Finished) -> None:
     client = sqlite_run.client()
     files = _artifacts(client, sqlite_run.run_id)
     for expected in ("model_info/model_graph.png", "model_info/layers.csv", "model_info/summary.txt",
-                     "config/config.yaml", "checkpoint/best.pt", "history.csv", "evaluation/confusion.png",
-                     "evaluation/confusion.csv", "evaluation/test_metrics.json"):
+                     "config/config.yaml", "checkpoint/best.pt", "checkpoint/model_spec.json", "history.csv",
+                     "evaluation/confusion.png", "evaluation/confusion.csv", "evaluation/test_metrics.json"):
         assert expected in files, (expected, sorted(files))
 
     _assert_png(sqlite_run.download("model_info/model_graph.png"))
@@ -475,6 +475,9 @@ def test_pipeline_logged_model_has_signature(sqlite_run: Finished) -> None:
     assert info.saved_input_example_info is not None
     tags = sqlite_run.client().get_run(sqlite_run.run_id).data.tags
     assert tags["model_format"] in ("pt2", "pickle")
+    spec = info.metadata["model_spec"]  # how to feed it, read back from the model alone
+    assert spec["class_names"] == CLASSES and spec["backbone"]["input_size"] == 8 and spec["data_channels"] == 1
+    assert len(spec["mean"]) == len(spec["std"]) == 1 and spec["resize"] == 8
 
 
 # --- a real tracking server -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import digit_batches
+from conftest import build_model_for, digit_batches, prepared_from
 from transferlab.config.schema import (
     BackboneConfig,
     ExperimentConfig,
@@ -18,7 +18,7 @@ from transferlab.config.schema import (
     OptimizerConfig,
     SchedulerConfig,
 )
-from transferlab.models.assemble import FineTuneModel, Normalisation, build_model
+from transferlab.models.assemble import FineTuneModel
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.training.freezing import (
     FreezeError,
@@ -52,7 +52,7 @@ def _model(*, first_n: int = 0, whole: bool = False, patterns: list[str] | None 
     torch.manual_seed(seed)
     cfg = ExperimentConfig(backbone=BackboneConfig(name="small_cnn", input_size=8, channels=1, width=8, depth=3),
                            head=head or HeadConfig(name="linear"))
-    model, backbone = build_model(cfg, num_classes=10, data_channels=1, normalisation=Normalisation([0.3], [0.4]))
+    model, backbone = build_model_for(cfg, num_classes=10, data_channels=1, mean=[0.3], std=[0.4])
     plan = plan_freeze(model, backbone, first_n=first_n, patterns=patterns, whole_backbone=whole, method=method)
     apply_freeze(model, plan)
     return model, backbone, plan
@@ -619,3 +619,57 @@ def test_fit_rejects_a_diverging_loss(digits: tuple[Batches, Batches]) -> None:
         model.head.out.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="loss became nan in epoch 1"):
         _fit(model, plan, digits, opt=OptimizerConfig(lr=0.1), epochs=1)
+
+
+# --------------------------------------------------------------------------- build_training
+
+
+def test_build_training_assembles_the_configured_recipe(digits: tuple[Batches, Batches]) -> None:
+    from transferlab.config.schema import MaxNormConfig, RegularisationConfig, FreezeConfig, TrainerConfig
+    from transferlab.training.build import build_training
+
+    cfg = ExperimentConfig(
+        backbone=BackboneConfig(name="small_cnn", channels=1, width=8, depth=3),
+        regularisation=RegularisationConfig(freeze=FreezeConfig(first_n=1),
+                                            max_norm=MaxNormConfig(enabled=True, value=2.0)),
+        optimizer=OptimizerConfig(name="adamw", lr=0.01, backbone_lr_mult=0.5, weight_decay=0.01),
+        scheduler=SchedulerConfig(name="onecycle"), trainer=TrainerConfig(epochs=1, batch_size=32, progress=False))
+    t = build_training(cfg, prepared_from(*digits))
+    assert isinstance(t.optimizer, torch.optim.AdamW)
+    assert t.cfg.backbone.input_size == t.spec.input_size == 8  # decided once, from the data
+    assert t.plan.layers == ("block1",) and all(n.startswith("backbone.block1.") for n in t.plan.frozen)
+    assert all(not p.requires_grad for n, p in t.model.named_parameters() if n in t.plan.frozen)
+    lrs = {g["name"]: g["max_lr"] for g in t.optimizer.param_groups}  # one-cycle peaks at the configured lr
+    assert any(k.startswith("head") and v == 0.01 for k, v in lrs.items())
+    assert any(k.startswith("backbone") and v == 0.005 for k, v in lrs.items())
+    assert t.schedule.per_batch and t.settings.max_norm == 2.0 and t.settings.max_norm_weights
+    result = t.fit(*digits)
+    assert len(result.history) == 1 and result.history[0]["max_unit_norm"] <= 2.0 + 1e-5
+
+
+def test_the_source_task_trains_with_pretrain_s_own_recipe(digits: tuple[Batches, Batches]) -> None:
+    from transferlab.config.schema import AugmentConfig, DropoutConfig, PretrainConfig, RegularisationConfig
+    from transferlab.training.build import build_training, source_task_config
+
+    cfg = ExperimentConfig(
+        backbone=BackboneConfig(name="small_cnn", channels=1, width=8, depth=2),
+        head=HeadConfig(name="mlp", hidden=[16]), augment=AugmentConfig(name="flip"),
+        regularisation=RegularisationConfig(dropout=DropoutConfig(input=0.3, hidden=0.5)),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        pretrain=PretrainConfig(epochs=2, batch_size=16, optimizer=OptimizerConfig(name="adam", lr=0.003),
+                                scheduler=SchedulerConfig(name="cosine")))
+    t = build_training(source_task_config(cfg), prepared_from(*digits))
+    assert isinstance(t.optimizer, torch.optim.Adam) and t.optimizer.param_groups[0]["lr"] == 0.003
+    assert isinstance(t.schedule.inner, torch.optim.lr_scheduler.LambdaLR)  # cosine
+    assert (t.settings.epochs, t.settings.batch_size, t.settings.augment) == (2, 16, None)
+    # The schema's default regularisation, not the target task's (input dropout 0.3, mlp head):
+    assert t.spec.head.name == "linear" and t.spec.dropout == DropoutConfig()
+    assert [m.p for m in t.model.modules() if isinstance(m, nn.Dropout)] == [DropoutConfig().input]
+
+
+def test_the_default_source_recipe_is_sgd_nesterov_with_one_cycle() -> None:
+    from transferlab.config.schema import PretrainConfig
+
+    p = PretrainConfig()
+    assert (p.optimizer.name, p.optimizer.lr, p.optimizer.momentum, p.optimizer.nesterov,
+            p.optimizer.weight_decay, p.scheduler.name) == ("sgd", 0.05, 0.9, True, 5e-4, "onecycle")

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from transferlab.config.schema import BackboneConfig, ExperimentConfig
 from transferlab.config.validate import ConfigError
-from transferlab.models.assemble import Normalisation, build_model
+from conftest import build_model_for
 from transferlab.models.backbones import create_backbone
 from transferlab.models.weights import (
     WeightsError,
@@ -96,7 +96,7 @@ def test_whole_model_checkpoint_with_backbone_prefix(tmp_path: Path) -> None:
     """The finetune stage's best.pt (preprocess + backbone + head) can seed a new backbone."""
     torch.manual_seed(3)
     cfg = ExperimentConfig(backbone=BackboneConfig(name="small_cnn", width=8, depth=2))
-    model, _ = build_model(cfg, num_classes=10, data_channels=1, normalisation=Normalisation([0.3], [0.4]))
+    model, _ = build_model_for(cfg, num_classes=10, data_channels=1, mean=[0.3], std=[0.4])
     checkpoint = tmp_path / "best.pt"
     torch.save(model.state_dict(), checkpoint)
     assert any(k.startswith(("head.", "preprocess.")) for k in torch.load(checkpoint, weights_only=True))
@@ -310,9 +310,9 @@ def test_app_refuses_a_crafted_pickle_in_the_hub_cache(tmp_path: Path) -> None:
 def test_torchvision_preprocessing_follows_the_weights() -> None:
     assert torchvision_preprocessing("mobilenet_v3_small", "IMAGENET1K_V1") == {
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "input_size": 224,
-        "weights": "MobileNet_V3_Small_Weights.IMAGENET1K_V1"}
+        "resize_size": 256, "weights": "MobileNet_V3_Small_Weights.IMAGENET1K_V1"}
     inception = torchvision_preprocessing("inception_v3", "DEFAULT")
-    assert inception["input_size"] == 299 and inception["mean"] == [0.5] * 3
+    assert inception["input_size"] == 299 and inception["resize_size"] == 342 and inception["mean"] == [0.5] * 3
 
 
 # --------------------------------------------------------------------------- check_weights_spec

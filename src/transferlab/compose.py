@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 from hydra_plugins import transferlab_composition as composition
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transferlab.config.validate import ConfigError, load_config
 
@@ -62,9 +62,13 @@ def _explain_option_key(err: Exception, overrides: list[str], config_dir: Path, 
         params = compose([o for o in overrides if o not in failing], config_dir=config_dir, config_name=config_name)
     except Exception:  # noqa: BLE001 - the other overrides fail too: Hydra's own error says more
         return
-    group, _, key = match.group(1).partition(".")
-    if isinstance(params.get(group), dict):
-        check_option_keys(OmegaConf.create({group: {**params[group], key: None}}))
+    group, _, key = match.group(1).rpartition(".")
+    node = OmegaConf.select(OmegaConf.create(params), group, default=None)
+    if isinstance(node, DictConfig):
+        OmegaConf.update(node, key, None, force_add=True)
+        only = OmegaConf.create()
+        OmegaConf.update(only, group, node, force_add=True)
+        check_option_keys(only)
 
 
 def render(params: dict) -> str:

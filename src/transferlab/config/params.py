@@ -40,13 +40,18 @@ def check_fresh(params: Mapping[str, Any], path: Path, conf_dir: Path) -> None:
 
 def to_container(cfg: ExperimentConfig) -> dict:
     """The config as plain data, each group with only the keys its choice takes (as params.yaml has it)."""
-    from transferlab.config.validate import option_keys
+    from transferlab.config.validate import option_keys, option_registries
 
     tree: dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
-    for group, node in tree.items():
-        keys = option_keys(group, node["name"]) if isinstance(node, dict) and "name" in node else None
+    for group in option_registries():
+        *parents, leaf = group.split(".")
+        parent = tree
+        for part in parents:
+            parent = parent[part]
+        node = parent[leaf]
+        keys = option_keys(group, node["name"])
         if keys is not None:
-            tree[group] = {k: v for k, v in node.items() if k in keys}
+            parent[leaf] = {k: v for k, v in node.items() if k in keys}
     return tree
 
 

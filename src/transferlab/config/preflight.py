@@ -15,6 +15,7 @@ a sweep before the first starts; every DVC stage runs it before reading data.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -60,27 +61,25 @@ def target_class_count(cfg: ExperimentConfig) -> int:
 
 def check_model(cfg: ExperimentConfig, num_classes: int) -> None:
     """Assemble the fine-tuning model's skeleton and plan its freezing and max-norm."""
-    from transferlab.models.assemble import Normalisation, build_model, resolve_input_size
+    from transferlab.models.assemble import ModelSpec, build_model
     from transferlab.models.backbones import min_input_size
     from transferlab.training.freezing import plan_freeze
-    from transferlab.models.weights import kind_of
+    from transferlab.models.weights import kind_of, torchvision_preprocessing
     from transferlab.training.maxnorm import max_norm_weights
 
     # The input size decides no layer or parameter name except inception_v3's auxiliary branch (on from
     # 299 px), so the size pretrain would choose, from the weights' metadata or the data, is enough.
-    weights_size = None
+    weights_meta = None
     if kind_of(cfg.backbone.weights) == "torchvision":
-        import torchvision
-
-        weights = torchvision.models.get_model_weights(cfg.backbone.name)[cfg.backbone.weights]
-        weights_size = int(weights.transforms().crop_size[0])
+        weights_meta = torchvision_preprocessing(cfg.backbone.name, cfg.backbone.weights)  # type: ignore[arg-type]
     data_size = cfg.data.image_size or min_input_size(cfg.backbone.name)
-    cfg = resolve_input_size(cfg, weights_size=weights_size, data_size=data_size)
-    channels = cfg.backbone.channels
+    spec = ModelSpec.decide(cfg, class_names=[str(i) for i in range(num_classes)],
+                            data_channels=cfg.data.channels or cfg.backbone.channels, data_size=data_size,
+                            weights_meta=weights_meta)
+    cfg = replace(cfg, backbone=spec.backbone)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # build-time notes (inception's aux branch) belong to the real build
-        model, backbone = build_model(cfg, num_classes=num_classes, data_channels=cfg.data.channels or channels,
-                                      normalisation=Normalisation([0.0] * channels, [1.0] * channels))
+        model, backbone = build_model(spec)
     f = cfg.regularisation.freeze
     plan_freeze(model, backbone, first_n=f.first_n, patterns=list(f.patterns), whole_backbone=f.backbone,
                 method=f.method)

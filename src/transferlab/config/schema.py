@@ -146,11 +146,16 @@ class TrainerConfig:
 
 @dataclass
 class PretrainConfig:
+    """The source task (backbone.weights=source) and its own recipe: optimizer and scheduler take
+    the same choices and keys as the top-level groups; the trainer's device settings carry over."""
+
     classes: Optional[List[str]] = None  # source-task classes (same data source)
     max_per_class: Optional[int] = None
     epochs: int = 5
-    lr: float = 0.05
     batch_size: int = 64
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(name="onecycle"))
 
 
 @dataclass

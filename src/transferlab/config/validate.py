@@ -7,6 +7,7 @@ any data is read or any tensor is built.
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterable
@@ -28,7 +29,21 @@ def option_registries() -> dict[str, Any]:
     from transferlab.training.optim import OPTIMIZERS, SCHEDULERS
 
     return {"backbone": BACKBONES, "head": HEADS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
-            "augment": AUGMENTATIONS}
+            "augment": AUGMENTATIONS, "pretrain.optimizer": OPTIMIZERS, "pretrain.scheduler": SCHEDULERS}
+
+
+def _child_schema(node: Any, name: str) -> Any:
+    """The dataclass of field ``name`` of schema dataclass ``node`` (None when it is not one)."""
+    child = typing.get_type_hints(node).get(name)
+    return child if is_dataclass(child) else None
+
+
+def _schema_at(path: str) -> Any:
+    """The schema dataclass of the config node at dotted ``path``."""
+    node: Any = ExperimentConfig
+    for part in filter(None, path.split(".")):
+        node = _child_schema(node, part)
+    return node
 
 
 def option_keys(group: str, name: str) -> list[str] | None:
@@ -36,8 +51,7 @@ def option_keys(group: str, name: str) -> list[str] | None:
     registry = option_registries().get(group)
     if registry is None or name not in registry:
         return None
-    node = {f.name: f for f in fields(ExperimentConfig)}[group].default_factory  # type: ignore[misc]
-    common = [f.name for f in fields(node) if f.name not in registry.option_keys()]  # type: ignore[arg-type]
+    common = [f.name for f in fields(_schema_at(group)) if f.name not in registry.option_keys()]
     return sorted([*common, *registry[name].keys])
 
 
@@ -45,7 +59,7 @@ def check_option_keys(cfg: DictConfig) -> None:
     """Each choice takes only its own keys: ``optimizer=sgd optimizer.betas=...`` is refused
     rather than silently ignored."""
     for group in option_registries():
-        node = cfg.get(group)
+        node = OmegaConf.select(cfg, group, default=None)
         if not isinstance(node, DictConfig) or not isinstance(node.get("name"), str):
             continue
         allowed = option_keys(group, node.name)
@@ -78,9 +92,7 @@ def load_config(cfg: DictConfig | Mapping[str, Any]) -> ExperimentConfig:
 def _unknown_key_message(err: ConfigKeyError) -> str:
     full_key = getattr(err, "full_key", None) or str(err)
     parent_path, _, key = full_key.rpartition(".")
-    node: Any = ExperimentConfig
-    for part in filter(None, parent_path.split(".")):
-        node = {f.name: f for f in fields(node)}[part].default_factory  # type: ignore[misc]
+    node = _schema_at(parent_path)
     allowed = sorted(f.name for f in fields(node)) if is_dataclass(node) else []
     hint = difflib.get_close_matches(key, allowed, n=1)
     maybe = f" Did you mean '{hint[0]}'?" if hint else ""
@@ -111,11 +123,44 @@ def check_override_keys(overrides: Iterable[str], groups: Iterable[str]) -> None
                     f"Unknown key '{key}'.{maybe} Allowed keys under '{where}': {sorted(names)}"
                 )
             path.append(part)
-            factory = names[part].default_factory  # type: ignore[misc]
-            node = factory if is_dataclass(factory) else None
+            node = _child_schema(node, part)
             if node is None:
                 break
 
+
+
+def _check_optimizer(o: Any, key: str) -> None:
+    from transferlab.training.optim import list_optimizers
+
+    _one_of(o.name, list_optimizers(), f"{key}.name", "optimizer")
+    _check(o.lr > 0, f"{key}.lr", f"must be > 0, got {o.lr}")
+    _check(o.backbone_lr_mult >= 0, f"{key}.backbone_lr_mult", f"must be >= 0, got {o.backbone_lr_mult}")
+    _check(o.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.momentum < 1, f"{key}.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(not o.nesterov or o.momentum > 0, f"{key}.nesterov", f"Nesterov needs {key}.momentum > 0")
+    _check(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), f"{key}.betas",
+           f"must be two values in [0, 1), got {list(o.betas)}")
+    _check(0 <= o.rho < 1, f"{key}.rho", f"must be in [0, 1), got {o.rho}")
+    _check(o.eps > 0, f"{key}.eps", f"must be > 0, got {o.eps}")
+
+
+def _check_scheduler(s: Any, o: Any, key: str) -> None:
+    from transferlab.training.optim import OPTIMIZERS, list_schedulers
+
+    _one_of(s.name, list_schedulers(), f"{key}.name", "scheduler")
+    _check(s.step_size >= 1, f"{key}.step_size", f"must be >= 1, got {s.step_size}")
+    _check(0 < s.gamma <= 1, f"{key}.gamma", f"must be in (0, 1], got {s.gamma}")
+    _check(0 <= s.min_lr_mult <= 1, f"{key}.min_lr_mult", f"must be in [0, 1], got {s.min_lr_mult}")
+    _check(0 < s.pct_start < 1, f"{key}.pct_start", f"must be in (0, 1), got {s.pct_start}")
+    _check(0 < s.factor < 1, f"{key}.factor", f"must be in (0, 1), got {s.factor}")
+    _check(s.patience >= 0, f"{key}.patience", f"must be >= 0, got {s.patience}")
+    for name in ("start", "end"):
+        value = getattr(s.momentum, name)
+        _check(0 <= value < 1, f"{key}.momentum.{name}", f"must be in [0, 1), got {value}")
+    if s.momentum.enabled:
+        with_momentum = [n for n in OPTIMIZERS.names() if OPTIMIZERS[n].info.get("momentum")]
+        _check(o.name in with_momentum, f"{key}.momentum.enabled",
+               f"a momentum schedule needs one of {with_momentum}, not {o.name}")
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
@@ -139,7 +184,6 @@ def validate(cfg: ExperimentConfig) -> None:
     from transferlab.models.heads import POOLINGS, list_heads
     from transferlab.models.activations import list_activations
     from transferlab.training.augment import list_augmentations
-    from transferlab.training.optim import list_optimizers, list_schedulers
     from transferlab.models.weights import check_weights_spec
 
     d = cfg.data
@@ -209,35 +253,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0.0 <= r.label_smoothing < 1.0, "regularisation.label_smoothing",
            f"must be in [0, 1), got {r.label_smoothing}")
 
-    o = cfg.optimizer
-    _one_of(o.name, list_optimizers(), "optimizer.name", "optimizer")
-    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
-    _check(o.backbone_lr_mult >= 0, "optimizer.backbone_lr_mult", f"must be >= 0, got {o.backbone_lr_mult}")
-    _check(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _check(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
-    _check(not o.nesterov or o.momentum > 0, "optimizer.nesterov", "Nesterov needs optimizer.momentum > 0")
-    _check(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), "optimizer.betas",
-           f"must be two values in [0, 1), got {list(o.betas)}")
-    _check(0 <= o.rho < 1, "optimizer.rho", f"must be in [0, 1), got {o.rho}")
-    _check(o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps}")
-
-    s = cfg.scheduler
-    _one_of(s.name, list_schedulers(), "scheduler.name", "scheduler")
-    _check(s.step_size >= 1, "scheduler.step_size", f"must be >= 1, got {s.step_size}")
-    _check(0 < s.gamma <= 1, "scheduler.gamma", f"must be in (0, 1], got {s.gamma}")
-    _check(0 <= s.min_lr_mult <= 1, "scheduler.min_lr_mult", f"must be in [0, 1], got {s.min_lr_mult}")
-    _check(0 < s.pct_start < 1, "scheduler.pct_start", f"must be in (0, 1), got {s.pct_start}")
-    _check(0 < s.factor < 1, "scheduler.factor", f"must be in (0, 1), got {s.factor}")
-    _check(s.patience >= 0, "scheduler.patience", f"must be >= 0, got {s.patience}")
-    for name in ("start", "end"):
-        value = getattr(s.momentum, name)
-        _check(0 <= value < 1, f"scheduler.momentum.{name}", f"must be in [0, 1), got {value}")
-    if s.momentum.enabled:
-        from transferlab.training.optim import OPTIMIZERS
-
-        with_momentum = [n for n in OPTIMIZERS.names() if OPTIMIZERS[n].info.get("momentum")]
-        _check(o.name in with_momentum, "scheduler.momentum.enabled",
-               f"a momentum schedule needs one of {with_momentum}, not {o.name}")
+    _check_optimizer(cfg.optimizer, "optimizer")
+    _check_scheduler(cfg.scheduler, cfg.optimizer, "scheduler")
 
     a = cfg.augment
     _one_of(a.name, list_augmentations(), "augment.name", "augmentation")
@@ -263,7 +280,8 @@ def validate(cfg: ExperimentConfig) -> None:
 
     p = cfg.pretrain
     _check(p.epochs >= 1, "pretrain.epochs", f"must be >= 1, got {p.epochs}")
-    _check(p.lr > 0, "pretrain.lr", f"must be > 0, got {p.lr}")
+    _check_optimizer(p.optimizer, "pretrain.optimizer")
+    _check_scheduler(p.scheduler, p.optimizer, "pretrain.scheduler")
     _check(p.batch_size >= 1, "pretrain.batch_size", f"must be >= 1, got {p.batch_size}")
 
 

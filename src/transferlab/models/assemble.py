@@ -1,33 +1,52 @@
-"""Preprocessing + backbone + head, assembled from config.
+"""Preprocessing + backbone + head, assembled from a :class:`ModelSpec`.
 
 The assembled model takes raw ``uint8`` images ``[N, C, H, W]`` (or floats
 in 0..255) and does its own preprocessing on whatever device it lives on:
-scale to [0, 1], adapt channels, resize to the backbone's input size,
-normalise. Data therefore stays compact on the device, and the model logged
-to MLflow predicts from raw images exactly as in training.
+scale to [0, 1], adapt channels, resize and centre-crop to the backbone's
+input size, normalise. Data therefore stays compact on the device, and the
+model logged to MLflow predicts from raw images exactly as in training.
+
+The spec is decided once, from the config, the prepared data and the
+weights' metadata (:meth:`ModelSpec.decide`), and saved beside the
+checkpoint (:func:`save_spec`): ``evaluate``, predictions and the logged
+model rebuild the model from it alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transferlab.config.schema import BackboneConfig, ExperimentConfig, HeadConfig
+from transferlab.config.schema import BackboneConfig, DropoutConfig, ExperimentConfig, HeadConfig
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.heads import Head, create_head
 
 
 class Preprocess(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, size: int, mean: list[float], std: list[float]) -> None:
+    """uint8 -> [0, 1] -> channels -> resize to ``resize`` (square) -> centre crop ``size`` -> normalise.
+
+    As torchvision's eval transforms (resize 256, crop 224): images stored larger than the input
+    are centre-cropped, smaller ones are resized up. ``resize`` defaults to ``size`` (no crop).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, size: int, mean: list[float], std: list[float],
+                 *, resize: int | None = None) -> None:
         super().__init__()
+        resize = size if resize is None else resize
+        if resize < size:
+            raise ValueError(f"resize ({resize}) must be at least the crop size ({size})")
         if in_channels not in (1, 3) or out_channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {in_channels} -> {out_channels}")
         if len(mean) != out_channels or len(std) != out_channels:
             raise ValueError(f"normalisation needs {out_channels} means and stds, got {mean}, {std}")
-        self.in_channels, self.out_channels, self.size = in_channels, out_channels, size
+        self.in_channels, self.out_channels, self.size, self.resize = in_channels, out_channels, size, resize
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1))
@@ -38,9 +57,15 @@ class Preprocess(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         elif self.in_channels == 3 and self.out_channels == 1:
             x = (x * self.luma).sum(dim=1, keepdim=True)
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            # Antialiased like the prepare-time resize, so shrinking at train time does not alias either.
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        h, w = x.shape[-2], x.shape[-1]
+        if (h, w) != (self.size, self.size):  # an input already at the crop size (augmented) passes as it is
+            if (h, w) != (self.resize, self.resize):
+                # Antialiased like the prepare-time resize, so shrinking at train time does not alias either.
+                x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False,
+                                  antialias=True)
+            if self.resize != self.size:
+                top = (self.resize - self.size) // 2
+                x = x[..., top:top + self.size, top:top + self.size]
         return (x - self.mean) / self.std
 
 
@@ -81,7 +106,7 @@ class Normalisation:
     std: list[float]
 
     @classmethod
-    def for_channels(cls, mean: list[float], std: list[float], channels: int) -> "Normalisation":
+    def for_channels(cls, mean: Sequence[float], std: Sequence[float], channels: int) -> "Normalisation":
         """Statistics for the channels the backbone sees (grey repeated to RGB, RGB averaged to grey)."""
         if len(mean) == channels:
             return cls(list(mean), list(std))
@@ -90,27 +115,109 @@ class Normalisation:
         return cls([sum(mean) / len(mean)], [sum(std) / len(std)])
 
 
-def build_model(cfg: ExperimentConfig, *, num_classes: int, data_channels: int,
-                normalisation: Normalisation) -> tuple[FineTuneModel, Backbone]:
-    """Assemble the fine-tuning model for ``num_classes`` (fresh weights)."""
-    backbone = build_backbone(cfg.backbone)
-    head = build_head(cfg.head, cfg, in_features=backbone.out_features, num_classes=num_classes)
-    preprocess = Preprocess(data_channels, cfg.backbone.channels, cfg.backbone.input_size,
-                            normalisation.mean, normalisation.std)
+SPEC_FILE = "model_spec.json"
+# torchvision's eval transforms resize to 256 for a 224 crop: what is kept when data is stored larger.
+DEFAULT_CROP_FRACTION = 224 / 256
+
+
+@dataclass
+class ModelSpec:
+    """Everything that rebuilds the trained model and feeds it, decided once."""
+
+    backbone: BackboneConfig  # with input_size decided
+    head: HeadConfig
+    dropout: DropoutConfig
+    class_names: list[str]
+    data_channels: int  # channels of the stored images the model is fed
+    mean: list[float]  # normalisation, per channel the backbone sees ([0, 1] scale)
+    std: list[float]
+    resize: int  # stored images are resized to this square, then centre-cropped to backbone.input_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.backbone.input_size)  # type: ignore[arg-type]
+
+    @classmethod
+    def decide(cls, cfg: ExperimentConfig, *, class_names: list[str], data_channels: int, data_size: int,
+               data_mean: Sequence[float] | None = None, data_std: Sequence[float] | None = None,
+               weights_meta: dict[str, Any] | None = None) -> "ModelSpec":
+        """Input size: the configured one, else the weights' own, else the data's (at least the
+        backbone's minimum). Normalisation: the weights' own statistics, else the training data's.
+        Resize: images stored larger than the input are resized to the input's crop fraction
+        (the weights' own, else torchvision's 224/256), never past their stored size, then cropped."""
+        meta = weights_meta or {}
+        cfg = resolve_input_size(cfg, weights_size=meta.get("input_size"), data_size=data_size)
+        size = int(cfg.backbone.input_size)  # type: ignore[arg-type]
+        channels = cfg.backbone.channels
+        if "mean" in meta:
+            norm = Normalisation.for_channels(meta["mean"], meta["std"], channels)
+        elif data_mean is not None and data_std is not None:
+            norm = Normalisation.for_channels(data_mean, data_std, channels)
+        else:
+            norm = Normalisation([0.0] * channels, [1.0] * channels)
+        resize = size
+        if data_size > size:
+            fraction = size / meta["resize_size"] if meta.get("resize_size") else DEFAULT_CROP_FRACTION
+            resize = min(data_size, max(size, round(size / fraction)))
+        return cls(backbone=cfg.backbone, head=cfg.head, dropout=cfg.regularisation.dropout,
+                   class_names=list(class_names), data_channels=int(data_channels), mean=norm.mean, std=norm.std,
+                   resize=int(resize))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        from omegaconf import OmegaConf
+
+        def typed(schema: type, value: dict[str, Any]) -> Any:
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), value))
+
+        return cls(**{**d, "backbone": typed(BackboneConfig, d["backbone"]), "head": typed(HeadConfig, d["head"]),
+                      "dropout": typed(DropoutConfig, d["dropout"])})
+
+
+def save_spec(spec: ModelSpec, model_dir: str | Path) -> Path:
+    """Write the spec beside the checkpoint (atomically)."""
+    path = Path(model_dir) / SPEC_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(spec.to_dict(), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def load_spec(model_dir: str | Path) -> ModelSpec:
+    from transferlab.errors import WeightsError
+
+    path = Path(model_dir) / SPEC_FILE
+    if not path.is_file():
+        raise WeightsError(f"'{path}' is missing: run the finetune stage (dvc repro finetune)")
+    return ModelSpec.from_dict(json.loads(path.read_text()))
+
+
+def build_model(spec: ModelSpec) -> tuple[FineTuneModel, Backbone]:
+    """Assemble the model ``spec`` describes (fresh weights)."""
+    backbone = build_backbone(spec.backbone)
+    head = build_head(spec.head, spec.dropout, in_features=backbone.out_features, num_classes=spec.num_classes)
+    preprocess = Preprocess(spec.data_channels, spec.backbone.channels, spec.input_size, spec.mean, spec.std,
+                            resize=spec.resize)
     aux_head = None
     if backbone.aux_features is not None:
-        aux_units = head.out.out_features if not head.overcomplete else num_classes
+        aux_units = head.out.out_features if not head.overcomplete else spec.num_classes
         aux_head = nn.Linear(backbone.aux_features, aux_units)
-    model = FineTuneModel(preprocess, backbone.module, head, input_dropout=cfg.regularisation.dropout.input,
-                          feature_dropout=cfg.regularisation.dropout.features, aux_head=aux_head)
+    model = FineTuneModel(preprocess, backbone.module, head, input_dropout=spec.dropout.input,
+                          feature_dropout=spec.dropout.features, aux_head=aux_head)
     return model, backbone
 
 
 def resolve_input_size(cfg: ExperimentConfig, *, weights_size: int | None, data_size: int) -> ExperimentConfig:
     """``cfg`` with ``backbone.input_size`` decided: the configured size, else
     the weights' own, else the data's (at least the backbone's minimum)."""
-    from dataclasses import replace
-
     from transferlab.models.backbones import min_input_size
 
     size = cfg.backbone.input_size
@@ -124,8 +231,7 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
                            depth=cfg.depth, hidden=list(cfg.hidden), activation=cfg.activation)
 
 
-def build_head(cfg: HeadConfig, exp: ExperimentConfig, *, in_features: int, num_classes: int) -> Head:
-    drop = exp.regularisation.dropout
+def build_head(cfg: HeadConfig, drop: DropoutConfig, *, in_features: int, num_classes: int) -> Head:
     dropouts = list(drop.per_layer) if drop.per_layer is not None else [drop.hidden] * len(cfg.hidden)
     head = create_head(cfg.name, in_features=in_features, num_classes=num_classes, hidden=list(cfg.hidden),
                        activations=list(cfg.activations), dropouts=dropouts, num_units=cfg.num_units,

@@ -145,7 +145,7 @@ def read_hub_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def torchvision_preprocessing(backbone: str, spec: str) -> dict[str, Any]:
-    """Mean, std and crop size of the transforms torchvision's weights ``spec`` were trained with."""
+    """Mean, std, crop and resize size of the eval transforms of torchvision's weights ``spec``."""
     import torchvision
 
     weights = torchvision.models.get_model_weights(backbone)[spec]
@@ -155,7 +155,8 @@ def torchvision_preprocessing(backbone: str, spec: str) -> dict[str, Any]:
         # Its weights were trained on (x - 0.5) / 0.5, which torchvision's
         # `transform_input` recreates from ImageNet-normalised input.
         mean, std = [0.5] * 3, [0.5] * 3
-    return {"mean": mean, "std": std, "input_size": int(transforms.crop_size[0]), "weights": str(weights)}
+    return {"mean": mean, "std": std, "input_size": int(transforms.crop_size[0]),
+            "resize_size": int(transforms.resize_size[0]), "weights": str(weights)}
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -17,24 +17,25 @@ import torch
 
 from transferlab.cli import stage_main
 from transferlab.config.schema import ExperimentConfig
-from transferlab.data import PreparedData, load_prepared
-from transferlab.models.assemble import FineTuneModel, Normalisation, build_model, resolve_input_size
+from transferlab.data import DataError, PreparedData, load_prepared
+from transferlab.models.assemble import FineTuneModel, build_model, load_spec
 from transferlab.stages.finetune import BEST
 from transferlab.training.runtime import configure_threads, resolve_device
 
 
-def load_trained(cfg: ExperimentConfig, data: PreparedData) -> FineTuneModel:
-    """Rebuild the model and load the best checkpoint (normalisation included)."""
-    from transferlab.models.weights import read_weights_meta
-
-    weights_size = read_weights_meta(cfg.paths.weights).get("input_size")
-    cfg = resolve_input_size(cfg, weights_size=weights_size, data_size=max(data.image_size))
-    channels = cfg.backbone.channels
-    model, _ = build_model(cfg, num_classes=data.num_classes, data_channels=data.channels,
-                           normalisation=Normalisation([0.0] * channels, [1.0] * channels))
-    state = torch.load(Path(cfg.paths.model) / BEST, map_location="cpu", weights_only=True)
+def load_trained(model_dir: str | Path) -> FineTuneModel:
+    """The trained model, rebuilt from the spec saved beside its checkpoint (preprocessing included)."""
+    model, _ = build_model(load_spec(model_dir))
+    state = torch.load(Path(model_dir) / BEST, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
+
+
+def _check_classes(model_dir: str | Path, data: PreparedData) -> None:
+    trained = load_spec(model_dir).class_names
+    if trained != data.class_names:
+        raise DataError(f"the model in {model_dir} was trained on classes {trained}, but the prepared test data "
+                        f"has {data.class_names}: run the finetune stage again (dvc repro finetune)")
 
 
 @torch.no_grad()
@@ -120,7 +121,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     configure_threads(cfg.trainer.num_threads)
     device = resolve_device(cfg.trainer.device)
     data = load_prepared(Path(cfg.paths.prepared) / "target")
-    model = load_trained(cfg, data).to(device)
+    _check_classes(cfg.paths.model, data)
+    model = load_trained(cfg.paths.model).to(device)
     test = data.splits["test"]
     y_true = test.labels.numpy()
     y_pred, _ = predict(model, test.images, batch_size=cfg.trainer.eval_batch_size)
@@ -153,7 +155,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         tracker.log_artifact(image, artifact_path="evaluation")
         tracker.log_artifact(plots_dir / "confusion.csv", artifact_path="evaluation")
         if cfg.tracking.log_model:
-            tracker.log_model(model.cpu(), test.images[:4])
+            tracker.log_model(model.cpu(), test.images[:4], load_spec(cfg.paths.model).to_dict())
     print(f"evaluate: test_acc={metrics['test_acc']:.4f} macro_f1={metrics['test_macro_f1']:.4f}")
     return metrics
 

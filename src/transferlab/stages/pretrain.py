@@ -14,50 +14,26 @@ from typing import Any
 import torch
 
 from transferlab.cli import stage_main
-from transferlab.config.schema import ExperimentConfig, SchedulerConfig, OptimizerConfig
+from transferlab.config.schema import ExperimentConfig
 from transferlab.data import load_prepared, read_prepared_meta
-from transferlab.models.assemble import Normalisation, build_backbone, build_model, resolve_input_size
+from transferlab.models.assemble import build_backbone, resolve_input_size
 from transferlab.models.weights import (
     kind_of, load_backbone_state, read_weights_file, save_weights, torchvision_state_dict,
 )
-from transferlab.training.loop import Batches, steps_per_epoch, TrainSettings, fit
-from transferlab.training.optim import Schedule, create_optimizer
-from transferlab.training.param_groups import param_groups
+from transferlab.training.build import build_training, source_task_config
 from transferlab.training.runtime import configure_threads, resolve_device, seed_everything
 
 
 def train_source_task(cfg: ExperimentConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
-    """Train backbone + linear head on the source classes; keep the backbone."""
+    """Train backbone + linear head on the source classes with ``pretrain``'s recipe; keep the backbone."""
     data = load_prepared(Path(cfg.paths.prepared) / "source")
-    norm = Normalisation.for_channels(data.mean, data.std, cfg.backbone.channels)
-    source_cfg = _source_task_config(cfg)
-    model, backbone = build_model(source_cfg, num_classes=data.num_classes, data_channels=data.channels,
-                                  normalisation=norm)
-    model.to(device)
-    p = cfg.pretrain
-    opt_cfg = OptimizerConfig(name="sgd", lr=p.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    optimizer = create_optimizer(param_groups(model, lr=p.lr, backbone_lr_mult=1.0, weight_decay=5e-4), opt_cfg)
-    train, val = (Batches(data.splits[k].images.to(device), data.splits[k].labels.to(device)) for k in ("train", "val"))
-    steps = steps_per_epoch(len(train), p.batch_size)
-    schedule = Schedule(optimizer, SchedulerConfig(name="onecycle"), epochs=p.epochs, steps_per_epoch=steps)
-    settings = TrainSettings(epochs=p.epochs, batch_size=p.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
-                             progress=cfg.trainer.progress, seed=cfg.seed, amp=cfg.trainer.amp,
-                             channels_last=cfg.trainer.channels_last)
-    result = fit(model, model.head, train, val, optimizer, schedule, settings, desc="pretrain (source task)")
-    meta = {"mean": norm.mean, "std": norm.std, "input_size": cfg.backbone.input_size,
-            "source_task": {"classes": data.class_names, "epochs": p.epochs,
+    t = build_training(source_task_config(cfg), data, device=device)
+    result = t.fit(t.batches(data, "train"), t.batches(data, "val"), desc="pretrain (source task)")
+    meta = {"mean": t.spec.mean, "std": t.spec.std, "input_size": t.spec.input_size,
+            "source_task": {"classes": data.class_names, "epochs": t.settings.epochs,
                             "val_acc": result.history[result.best_epoch]["val_acc"],
                             "history": result.history, "data_hash": data.meta.get("data_hash")}}
-    return backbone, meta
-
-
-def _source_task_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The same backbone with a plain linear head and no regularisation."""
-    from dataclasses import replace
-
-    from transferlab.config.schema import HeadConfig, RegularisationConfig
-
-    return replace(cfg, head=HeadConfig(name="linear"), regularisation=RegularisationConfig())
+    return t.backbone, meta
 
 
 def run(cfg: ExperimentConfig) -> dict[str, Any]:

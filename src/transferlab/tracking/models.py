@@ -91,8 +91,10 @@ def mlflow_state_dict(spec: str, *, uri: str) -> tuple[dict[str, torch.Tensor], 
     return state, meta
 
 
-def log_model(model: torch.nn.Module, example: torch.Tensor) -> str:
+def log_model(model: torch.nn.Module, example: torch.Tensor, spec: dict[str, Any] | None = None) -> str:
     """``mlflow.pytorch`` model of the active run, with signature and input example; returns the format.
+    ``spec`` (the model spec: classes, input size, normalisation, preprocessing) goes into the
+    model's metadata (``MLmodel``), where ``mlflow.models.get_model_info(uri).metadata`` reads it.
 
     Saved as a ``torch.export`` program (``pt2``: no pickle, loads without this
     package, takes raw uint8 images of any batch size); a model that cannot be
@@ -110,15 +112,16 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> str:
     with torch.no_grad():
         y = model(example).numpy()
     signature = infer_signature(x, y)
+    metadata = {"model_spec": spec} if spec is not None else None
     requirements = [f"torch=={torch.__version__.split('+')[0]}",
                     f"torchvision=={torchvision.__version__.split('+')[0]}"]
     try:
-        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x,
+        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x, metadata=metadata,
                                  pip_requirements=requirements, serialization_format="pt2")
         return "pt2"
     except Exception as err:  # torch.export does not cover every model
         warnings.warn(f"torch.export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                       "logging the model as a pickle instead", stacklevel=2)
-    mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x,
+    mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x, metadata=metadata,
                              pip_requirements=[*requirements, "transferlab"], serialization_format="pickle")
     return "pickle"

@@ -325,14 +325,15 @@ class Tracker:
 
         self._put({"op": "call", "fn": call, "what": what})
 
-    def log_model(self, model: Any, example: Any) -> None:
-        """The trained model as an MLflow model (:func:`transferlab.tracking.models.log_model`)."""
+    def log_model(self, model: Any, example: Any, spec: dict[str, Any] | None = None) -> None:
+        """The trained model as an MLflow model, its spec in the model's metadata
+        (:func:`transferlab.tracking.models.log_model`)."""
         def fn() -> None:
             import mlflow
 
             from transferlab.tracking.models import log_model
 
-            mlflow.set_tag("model_format", log_model(model, example))
+            mlflow.set_tag("model_format", log_model(model, example, spec))
 
         self.call_in_run(fn, "the logged model")
 

@@ -84,9 +84,9 @@ def _split_output(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tupl
 
 
 @torch.no_grad()
-def evaluate_batches(model: nn.Module, head: Head, data: Batches, *, batch_size: int, amp: bool = False,
-                     channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss and accuracy as 0-d device tensors."""
+def evaluate(model: nn.Module, head: Head, data: Batches, *, batch_size: int, amp: bool = False,
+             channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss and accuracy as 0-d device tensors. Never augments."""
     # Restore each module's own mode afterwards: frozen BatchNorm must stay in eval.
     modes = [m.training for m in model.modules()]
     model.eval()
@@ -123,34 +123,132 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return steps
 
 
+class Hook:
+    """A small extension of the training step, as in torchvision's reference ``train.py``: the loop
+    calls every hook at these points and never reads a device value from one inside an epoch."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before the epoch's first step."""
+
+    def on_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch (uint8 images, labels) before the forward pass."""
+        return x, y
+
+    def after_step(self) -> None:
+        """After the optimiser's (and a per-batch schedule's) step."""
+
+    def epoch_metrics(self) -> dict[str, torch.Tensor]:
+        """Device scalars to report for the epoch (read once, at its end)."""
+        return {}
+
+
+class AugmentHook(Hook):
+    """Training-time augmentation, with its own seeded generator on the data's device."""
+
+    def __init__(self, augment: Augment, *, seed: int, device: torch.device) -> None:
+        self.augment = augment
+        self.generator = torch.Generator(device).manual_seed(seed + AUGMENT_SEED_OFFSET)
+
+    def on_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.augment(x, self.generator), y
+
+
+class MaxNormHook(Hook):
+    """Max-norm after every step on the constrained weights that train this epoch; reports the largest
+    unit norm met. Frozen weights are never touched, max-norm included (as in Keras, where a constraint
+    is part of the update that a non-trainable layer does not get)."""
+
+    def __init__(self, weights: list[torch.Tensor], value: float, *, frozen_ids: set[int],
+                 device: torch.device) -> None:
+        self.weights, self.value, self.frozen_ids, self.device = weights, value, frozen_ids, device
+        self.constrained: list[torch.Tensor] = []
+        self.largest = torch.zeros((), device=device)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.constrained = [w for w in self.weights if w.requires_grad and id(w) not in self.frozen_ids]
+        self.largest = torch.zeros((), device=self.device)
+
+    def after_step(self) -> None:
+        if self.constrained:
+            self.largest = torch.maximum(self.largest, apply_max_norm(self.constrained, self.value))
+
+    def epoch_metrics(self) -> dict[str, torch.Tensor]:
+        return {"max_unit_norm": self.largest} if self.weights else {}
+
+
+def standard_hooks(model: nn.Module, s: TrainSettings, device: torch.device) -> list[Hook]:
+    """The hooks that ``settings`` asks for, in the order they run."""
+    hooks: list[Hook] = []
+    if s.augment is not None:
+        hooks.append(AugmentHook(s.augment, seed=s.seed, device=device))
+    if s.max_norm is not None:
+        frozen_ids = {id(p) for name, p in model.named_parameters() if name in s.frozen}
+        hooks.append(MaxNormHook(s.max_norm_weights, s.max_norm, frozen_ids=frozen_ids, device=device))
+    return hooks
+
+
+def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tensor], object], data: Batches,
+                    optimizer: torch.optim.Optimizer, schedule: Schedule, s: TrainSettings, *,
+                    order: torch.Tensor, hooks: list[Hook], progress: "_NoProgress") -> dict[str, torch.Tensor]:
+    """One pass over ``data`` in ``order``; the epoch's training loss, accuracy and hook metrics, as
+    device scalars (nothing here waits for the device)."""
+    device = data.images.device
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for step in range(steps_per_epoch(len(data), s.batch_size)):
+        idx = order[step * s.batch_size:(step + 1) * s.batch_size]
+        x, y = data.images[idx], data.labels[idx]
+        for hook in hooks:
+            x, y = hook.on_batch(x, y)
+        if s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, s.amp):
+            logits, aux = _split_output(forward(x))
+            logits = logits.float()
+            loss = head.loss(logits, y, s.label_smoothing)
+            if aux is not None:
+                loss = loss + s.aux_loss_weight * head.loss(aux.float(), y, s.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step_batch()
+        for hook in hooks:
+            hook.after_step()
+        loss_sum += loss.detach() * y.shape[0]
+        hits += (head.predict(logits.detach()) == y).sum()
+        seen += y.shape[0]
+        progress.update(1)
+    metrics = {"train_loss": loss_sum / seen, "train_acc": hits.double() / seen}
+    for hook in hooks:
+        metrics.update(hook.epoch_metrics())
+    return metrics
+
+
 def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: torch.optim.Optimizer,
         schedule: Schedule, settings: TrainSettings, *, on_epoch_end: EpochCallback | None = None,
-        desc: str = "train") -> FitResult:
+        desc: str = "train", hooks: list[Hook] | None = None) -> FitResult:
     """Train ``model``; return per-epoch metrics and the best epoch.
 
-    The best state dict (by ``settings.monitor``) is written to
-    ``settings.checkpoint`` as soon as it is reached, and loaded back into
-    ``model`` at the end.
+    Each epoch is :func:`train_one_epoch` then :func:`evaluate` on ``val``, with the
+    ``settings``' hooks (augmentation, max-norm) plus ``hooks``. The best state dict
+    (by ``settings.monitor``) is written to ``settings.checkpoint`` as soon as it is
+    reached, and loaded back into ``model`` at the end.
     """
     s = settings
     device = train.images.device
     forward = torch.compile(model) if s.compile else model
-    generator = torch.Generator().manual_seed(s.seed)
-    # The augmentation's per-sample randomness: on the data's device, a stream apart from the shuffling's.
-    augment_generator = torch.Generator(device).manual_seed(s.seed + AUGMENT_SEED_OFFSET)
-    n = len(train)
-    steps = steps_per_epoch(n, s.batch_size)
+    generator = torch.Generator().manual_seed(s.seed)  # the batch order
+    all_hooks = [*standard_hooks(model, s, device), *(hooks or [])]
     maximise = s.monitor.endswith("acc")
     best_value, best_epoch = -math.inf if maximise else math.inf, -1
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
-    progress = _progress(total=s.epochs * steps, desc=desc, enabled=s.progress, epochs=s.epochs)
+    progress = _progress(total=s.epochs * steps_per_epoch(len(train), s.batch_size), desc=desc,
+                         enabled=s.progress, epochs=s.epochs)
     staged = s.head_only_epochs > 0
     if staged:
         set_backbone_trainable(model, False, keep_frozen=s.frozen)
-    # Frozen weights are never touched, max-norm included (as in Keras, where a constraint is part of
-    # the update that a non-trainable layer does not get).
-    frozen_ids = {id(p) for name, p in model.named_parameters() if name in s.frozen}
     try:
         for epoch in range(s.epochs):
             share_threads()
@@ -163,44 +261,16 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
                     if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
                             not p.requires_grad for p in module.parameters(recurse=False)):
                         module.eval()
-            constrained = [w for w in s.max_norm_weights if w.requires_grad and id(w) not in frozen_ids]
-            order = torch.randperm(n, generator=generator).to(device, non_blocking=True)
-            loss_sum = torch.zeros((), device=device)
-            hits = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            largest_norm = torch.zeros((), device=device)
-            for step in range(steps):
-                idx = order[step * s.batch_size:(step + 1) * s.batch_size]
-                x, y = train.images[idx], train.labels[idx]
-                if s.augment is not None:
-                    x = s.augment(x, augment_generator)
-                if s.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, s.amp):
-                    logits, aux = _split_output(forward(x))
-                    logits = logits.float()
-                    loss = head.loss(logits, y, s.label_smoothing)
-                    if aux is not None:
-                        loss = loss + s.aux_loss_weight * head.loss(aux.float(), y, s.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step_batch()
-                if s.max_norm is not None and constrained:
-                    largest_norm = torch.maximum(largest_norm, apply_max_norm(constrained, s.max_norm))
-                loss_sum += loss.detach() * y.shape[0]
-                hits += (head.predict(logits.detach()) == y).sum()
-                seen += y.shape[0]
-                progress.update(1)
-            val_loss, val_acc = evaluate_batches(model, head, val, batch_size=s.eval_batch_size, amp=s.amp,
-                                                 channels_last=s.channels_last)
-            metrics = {
-                "train_loss": (loss_sum / seen).item(),
-                "train_acc": (hits.double() / seen).item(),
-                "val_loss": val_loss.item(),
-                "val_acc": val_acc.item(),
-                "lr": optimizer.param_groups[0]["lr"],
-            }
+            for hook in all_hooks:
+                hook.on_epoch_start(epoch)
+            order = torch.randperm(len(train), generator=generator).to(device, non_blocking=True)
+            trained = train_one_epoch(model, head, forward, train, optimizer, schedule, s, order=order,
+                                      hooks=all_hooks, progress=progress)
+            val_loss, val_acc = evaluate(model, head, val, batch_size=s.eval_batch_size, amp=s.amp,
+                                         channels_last=s.channels_last)
+            # The epoch's one host sync.
+            metrics = {"train_loss": trained.pop("train_loss").item(), "train_acc": trained.pop("train_acc").item(),
+                       "val_loss": val_loss.item(), "val_acc": val_acc.item(), "lr": optimizer.param_groups[0]["lr"]}
             head_lrs = [g["lr"] for g in optimizer.param_groups if str(g.get("name", "")).startswith("head")]
             backbone_lrs = [g["lr"] for g in optimizer.param_groups if str(g.get("name", "")).startswith("backbone")]
             if head_lrs:
@@ -210,8 +280,7 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
             momentum = schedule.momentum()
             if momentum is not None:
                 metrics["momentum"] = momentum
-            if s.max_norm is not None and s.max_norm_weights:
-                metrics["max_unit_norm"] = largest_norm.item()
+            metrics.update({k: v.item() for k, v in trained.items()})
             if not all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss")):
                 raise FloatingPointError(f"loss became {metrics['train_loss']} in epoch {epoch + 1}; lower the "
                                          "learning rate or enable max-norm")

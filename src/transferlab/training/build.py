@@ -1,0 +1,108 @@
+"""One place that turns a config and the prepared data into everything training needs.
+
+:func:`build_training` decides the model spec, builds the model, loads the initial
+backbone weights, plans the freezing, and assembles the parameter groups, the
+optimiser, the schedule and the loop's settings. ``pretrain`` (the source task),
+``finetune``, the tests and the benchmark all train through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from transferlab.config.schema import AugmentConfig, ExperimentConfig, HeadConfig, RegularisationConfig
+from transferlab.data import PreparedData
+from transferlab.models.assemble import FineTuneModel, ModelSpec, build_model
+from transferlab.models.backbones import Backbone
+from transferlab.training.augment import create_augment
+from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_layers, plan_freeze
+from transferlab.training.loop import Batches, FitResult, EpochCallback, Hook, TrainSettings, fit, steps_per_epoch
+from transferlab.training.maxnorm import max_norm_weights
+from transferlab.training.optim import Schedule, create_optimizer
+from transferlab.training.param_groups import param_groups
+
+
+@dataclass
+class Training:
+    cfg: ExperimentConfig  # with backbone.input_size decided
+    spec: ModelSpec
+    model: FineTuneModel
+    backbone: Backbone
+    plan: FreezePlan
+    groups: list[dict[str, Any]]
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    settings: TrainSettings
+    device: torch.device
+
+    def batches(self, data: PreparedData, split: str) -> Batches:
+        """A split of ``data`` on the training device (uint8, resident)."""
+        s = data.splits[split]
+        return Batches(s.images.to(self.device), s.labels.to(self.device))
+
+    def fit(self, train: Batches, val: Batches, *, on_epoch_end: EpochCallback | None = None,
+            desc: str = "train", hooks: list[Hook] | None = None) -> FitResult:
+        return fit(self.model, self.model.head, train, val, self.optimizer, self.schedule, self.settings,
+                   on_epoch_end=on_epoch_end, desc=desc, hooks=hooks)
+
+
+def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.device | str = "cpu",
+                   weights_meta: Mapping[str, Any] | None = None,
+                   backbone_state: Mapping[str, torch.Tensor] | None = None, weights_source: str = "weights",
+                   checkpoint: Path | None = None) -> Training:
+    """Everything ``cfg`` trains on ``data`` with. Every check that depends on the data (head
+    size, layer count) fails here, before any training.
+
+    ``weights_meta``: the initial weights' metadata (input size, normalisation);
+    ``backbone_state``: their tensors, loaded into the backbone (named ``weights_source`` in errors).
+    """
+    from transferlab.models.weights import load_backbone_state
+
+    device = torch.device(device)
+    spec = ModelSpec.decide(cfg, class_names=data.class_names, data_channels=data.channels,
+                            data_size=max(data.image_size), data_mean=data.mean, data_std=data.std,
+                            weights_meta=dict(weights_meta or {}))
+    cfg = replace(cfg, backbone=spec.backbone)
+    model, backbone = build_model(spec)
+    if backbone_state is not None:
+        load_backbone_state(backbone, backbone_state, source=weights_source)
+    f = cfg.regularisation.freeze
+    plan = plan_freeze(model, backbone, first_n=f.first_n, patterns=list(f.patterns), whole_backbone=f.backbone,
+                       method=f.method)
+    apply_freeze(model, plan)
+    o = cfg.optimizer
+    groups = param_groups(model, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay,
+                          zero_lr=plan.frozen if plan.method == "zero_lr" else frozenset(),
+                          exclude=plan.frozen if plan.method == "requires_grad" else frozenset())
+    model.to(device)
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(groups, cfg.optimizer)
+    t = cfg.trainer
+    steps = steps_per_epoch(len(data.splits["train"]), t.batch_size)
+    schedule = Schedule(optimizer, cfg.scheduler, epochs=t.epochs, steps_per_epoch=steps)
+    mn = cfg.regularisation.max_norm
+    settings = TrainSettings(
+        epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, monitor=t.monitor,
+        label_smoothing=cfg.regularisation.label_smoothing, aux_loss_weight=t.aux_loss_weight,
+        max_norm=mn.value if mn.enabled else None,
+        max_norm_weights=max_norm_weights(model, list(mn.layers)) if mn.enabled else [],
+        frozen_norms=frozen_norm_layers(model, plan.frozen), frozen=plan.frozen,
+        head_only_epochs=f.head_only_epochs, amp=t.amp, channels_last=t.channels_last, compile=t.compile,
+        progress=t.progress, seed=cfg.seed, checkpoint=checkpoint, augment=create_augment(cfg.augment))
+    return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device)
+
+
+def source_task_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The source task's experiment: the same backbone with a plain linear head, the schema's default
+    regularisation (input dropout only: no freezing, no max-norm) and no augmentation, trained with
+    ``pretrain``'s own recipe (optimizer, scheduler, epochs, batch size); the trainer's device
+    settings (amp, channels-last, compile) carry over."""
+    p = cfg.pretrain
+    return replace(cfg, head=HeadConfig(name="linear"), regularisation=RegularisationConfig(),
+                   optimizer=p.optimizer, scheduler=p.scheduler, augment=AugmentConfig(name="none"),
+                   trainer=replace(cfg.trainer, epochs=p.epochs, batch_size=p.batch_size, monitor="val_acc"))
