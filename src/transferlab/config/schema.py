@@ -142,6 +142,9 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     progress: bool = True
     num_threads: Optional[int] = None  # CPU threads; null = torch's default
+    # Memory the training and validation images may occupy on the device (on a CPU run, in RAM), in MB;
+    # null: half of what is free. A split that does not fit streams from the prepared files instead.
+    memory_budget_mb: Optional[float] = None
 
 
 @dataclass

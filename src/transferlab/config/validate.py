@@ -277,6 +277,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.aux_loss_weight >= 0, "trainer.aux_loss_weight", f"must be >= 0, got {t.aux_loss_weight}")
     if t.num_threads is not None:
         _check(t.num_threads >= 1, "trainer.num_threads", f"must be >= 1, got {t.num_threads}")
+    if t.memory_budget_mb is not None:
+        _check(t.memory_budget_mb > 0, "trainer.memory_budget_mb", f"must be > 0 (MB), got {t.memory_budget_mb}")
 
     p = cfg.pretrain
     _check(p.epochs >= 1, "pretrain.epochs", f"must be >= 1, got {p.epochs}")

@@ -52,6 +52,10 @@ def layer_rows(t: Training) -> list[dict[str, Any]]:
     return rows
 
 
+def _placement(t: Training) -> str:
+    return " ".join(f"{split}={how}" for split, how in t.placement.items())
+
+
 def _file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
@@ -71,6 +75,7 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
     save_spec(t.spec, cfg.paths.model)
     train, val = t.batches(data, "train"), t.batches(data, "val")
     print(describe_groups(t.groups))
+    print(f"finetune: data {_placement(t)} (trainer.memory_budget_mb)")
 
     run_tags = {"stage": "finetune", "backbone": cfg.backbone.name, "head": cfg.head.name,
                 **lineage_tags(data_hash=data.meta.get("data_hash"), weights_hash=_file_hash(cfg.paths.weights)),
@@ -137,6 +142,7 @@ def _log_setup(tracker: "Tracker", t: Training, data: PreparedData, weights_meta
     tracker.log_params({**counts, "data.num_classes": data.num_classes, "data.class_names": str(data.class_names),
                         "data.train_size": len(data.splits["train"]), "device": str(t.device),
                         "model.input_size": t.spec.input_size, "model.resize": t.spec.resize,
+                        "data.placement": _placement(t),
                         "freeze.frozen_layers": str(list(t.plan.layers))})
     tracker.log_dict(container, "config/config.yaml")
     tracker.log_dict(weights_meta, "config/weights.json")

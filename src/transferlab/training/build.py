@@ -20,7 +20,10 @@ from transferlab.models.assemble import FineTuneModel, ModelSpec, build_model
 from transferlab.models.backbones import Backbone
 from transferlab.training.augment import create_augment
 from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_layers, plan_freeze
-from transferlab.training.loop import Batches, FitResult, EpochCallback, Hook, TrainSettings, fit, steps_per_epoch
+from transferlab.training.batches import (
+    Batches, StreamedBatches, memory_budget, place_splits, split_bytes,
+)
+from transferlab.training.loop import FitResult, EpochCallback, Hook, TrainSettings, fit, steps_per_epoch
 from transferlab.training.maxnorm import max_norm_weights
 from transferlab.training.optim import Schedule, create_optimizer
 from transferlab.training.param_groups import param_groups
@@ -38,13 +41,19 @@ class Training:
     schedule: Schedule
     settings: TrainSettings
     device: torch.device
+    placement: dict[str, str]  # train/val: resident on the device, or streamed to it
 
-    def batches(self, data: PreparedData, split: str) -> Batches:
-        """A split of ``data`` on the training device (uint8, resident)."""
+    def batches(self, data: PreparedData, split: str) -> Batches | StreamedBatches:
+        """A split of ``data`` for the loop: a uint8 copy resident on the device, or streamed to it."""
         s = data.splits[split]
-        return Batches(s.images.to(self.device), s.labels.to(self.device))
+        if self.placement.get(split, "resident") == "stream":
+            return StreamedBatches(s.images, s.labels, self.device)
+        # A fresh copy even on the CPU: the prepared images may be memory-mapped.
+        images = torch.empty(s.images.shape, dtype=s.images.dtype, device=self.device).copy_(s.images)
+        return Batches(images, s.labels.to(self.device))
 
-    def fit(self, train: Batches, val: Batches, *, on_epoch_end: EpochCallback | None = None,
+    def fit(self, train: Batches | StreamedBatches, val: Batches | StreamedBatches, *,
+            on_epoch_end: EpochCallback | None = None,
             desc: str = "train", hooks: list[Hook] | None = None) -> FitResult:
         return fit(self.model, self.model.head, train, val, self.optimizer, self.schedule, self.settings,
                    on_epoch_end=on_epoch_end, desc=desc, hooks=hooks)
@@ -63,6 +72,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
     from transferlab.models.weights import load_backbone_state
 
     device = torch.device(device)
+    placement = plan_placement(cfg, data, device)
     spec = ModelSpec.decide(cfg, class_names=data.class_names, data_channels=data.channels,
                             data_size=max(data.image_size), data_mean=data.mean, data_std=data.std,
                             weights_meta=dict(weights_meta or {}))
@@ -94,7 +104,17 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
         frozen_norms=frozen_norm_layers(model, plan.frozen), frozen=plan.frozen,
         head_only_epochs=f.head_only_epochs, amp=t.amp, channels_last=t.channels_last, compile=t.compile,
         progress=t.progress, seed=cfg.seed, checkpoint=checkpoint, augment=create_augment(cfg.augment))
-    return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device)
+    return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device, placement)
+
+
+def plan_placement(cfg: ExperimentConfig, data: PreparedData, device: torch.device) -> dict[str, str]:
+    """Which of the training and validation splits fit in ``trainer.memory_budget_mb`` (resident)
+    and which stream; refused before any work when not even streaming fits."""
+    train = data.splits["train"].images
+    per_image = split_bytes(train[:1]) if len(train) else 0
+    sizes = {name: split_bytes(data.splits[name].images) for name in ("train", "val")}
+    batch_bytes = per_image * max(cfg.trainer.batch_size, cfg.trainer.eval_batch_size)
+    return place_splits(sizes, batch_bytes, memory_budget(cfg.trainer.memory_budget_mb, device))
 
 
 def source_task_config(cfg: ExperimentConfig) -> ExperimentConfig:

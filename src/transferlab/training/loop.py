@@ -1,8 +1,10 @@
 """The training loop.
 
-Data lives on the device as uint8 tensors for the whole run; batches are
-index slices of it. Losses and hits accumulate on the device and reach the
-host once per epoch, so no step waits for a host-device sync.
+Data lives on the device as uint8 tensors for the whole run, batches being
+index slices of it, or streams there from host memory when it does not fit
+(:mod:`transferlab.training.batches`). Losses and hits accumulate on the
+device and reach the host once per epoch, so no step waits for a host-device
+sync.
 """
 
 from __future__ import annotations
@@ -21,21 +23,13 @@ from torch import nn
 
 from transferlab.models.heads import Head
 from transferlab.training.augment import Augment
+from transferlab.training.batches import Batches, StreamedBatches
 from transferlab.training.freezing import set_backbone_trainable, set_train_mode
 from transferlab.training.maxnorm import apply_max_norm
 from transferlab.training.optim import Schedule
 from transferlab.training.runtime import share_threads
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batches:
-    images: torch.Tensor  # uint8 [N, C, H, W], on the device
-    labels: torch.Tensor  # int64 [N], on the device
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 @dataclass
@@ -83,19 +77,20 @@ def _split_output(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tupl
     return out, None
 
 
+Data = Batches | StreamedBatches
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, head: Head, data: Batches, *, batch_size: int, amp: bool = False,
+def evaluate(model: nn.Module, head: Head, data: Data, *, batch_size: int, amp: bool = False,
              channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss and accuracy as 0-d device tensors. Never augments."""
     # Restore each module's own mode afterwards: frozen BatchNorm must stay in eval.
     modes = [m.training for m in model.modules()]
     model.eval()
-    device = data.images.device
+    device = data.device
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), device=device, dtype=torch.long)
-    for start in range(0, len(data), batch_size):
-        x = data.images[start:start + batch_size]
-        y = data.labels[start:start + batch_size]
+    for x, y in data.eval_batches(batch_size):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
@@ -187,18 +182,16 @@ def standard_hooks(model: nn.Module, s: TrainSettings, device: torch.device) -> 
     return hooks
 
 
-def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tensor], object], data: Batches,
+def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tensor], object], data: Data,
                     optimizer: torch.optim.Optimizer, schedule: Schedule, s: TrainSettings, *,
                     order: torch.Tensor, hooks: list[Hook], progress: "_NoProgress") -> dict[str, torch.Tensor]:
-    """One pass over ``data`` in ``order``; the epoch's training loss, accuracy and hook metrics, as
-    device scalars (nothing here waits for the device)."""
-    device = data.images.device
+    """One pass over ``data`` in ``order`` (a CPU permutation); the epoch's training loss, accuracy and
+    hook metrics, as device scalars (nothing here waits for the device)."""
+    device = data.device
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for step in range(steps_per_epoch(len(data), s.batch_size)):
-        idx = order[step * s.batch_size:(step + 1) * s.batch_size]
-        x, y = data.images[idx], data.labels[idx]
+    for x, y in data.train_batches(order, s.batch_size, steps_per_epoch(len(data), s.batch_size)):
         for hook in hooks:
             x, y = hook.on_batch(x, y)
         if s.channels_last:
@@ -225,7 +218,7 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
     return metrics
 
 
-def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: torch.optim.Optimizer,
+def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.optim.Optimizer,
         schedule: Schedule, settings: TrainSettings, *, on_epoch_end: EpochCallback | None = None,
         desc: str = "train", hooks: list[Hook] | None = None) -> FitResult:
     """Train ``model``; return per-epoch metrics and the best epoch.
@@ -236,7 +229,7 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
     reached, and loaded back into ``model`` at the end.
     """
     s = settings
-    device = train.images.device
+    device = train.device
     forward = torch.compile(model) if s.compile else model
     generator = torch.Generator().manual_seed(s.seed)  # the batch order
     all_hooks = [*standard_hooks(model, s, device), *(hooks or [])]
@@ -263,7 +256,7 @@ def fit(model: nn.Module, head: Head, train: Batches, val: Batches, optimizer: t
                         module.eval()
             for hook in all_hooks:
                 hook.on_epoch_start(epoch)
-            order = torch.randperm(len(train), generator=generator).to(device, non_blocking=True)
+            order = torch.randperm(len(train), generator=generator)
             trained = train_one_epoch(model, head, forward, train, optimizer, schedule, s, order=order,
                                       hooks=all_hooks, progress=progress)
             val_loss, val_acc = evaluate(model, head, val, batch_size=s.eval_batch_size, amp=s.amp,
