@@ -165,8 +165,11 @@ def _digits(cfg: AugmentConfig, *, size: int, num_classes: int) -> Augment:
 
 def _affine(a, b, c, d, e, f) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """[N, 3, 3] maps x_src = a x + b y + c, y_src = d x + e y + f (tensors [N] or numbers)."""
-    n, like = next((v.shape[0], v) for v in (a, b, c, d, e, f) if isinstance(v, torch.Tensor))
-    rows = [torch.as_tensor(v, dtype=torch.float32, device=like.device).expand(n) for v in (a, b, c, d, e, f)]
+    like = next(v for v in (a, b, c, d, e, f) if isinstance(v, torch.Tensor))
+    # numbers become fills on the device, not host-to-device copies
+    rows = [v.float().expand_as(like) if isinstance(v, torch.Tensor) else torch.full_like(like, v, dtype=torch.float32)
+            for v in (a, b, c, d, e, f)]
+    n = like.shape[0]
     zero, one = torch.zeros_like(rows[0]), torch.ones_like(rows[0])
     return torch.stack([*rows, zero, zero, one], dim=1).view(n, 3, 3)
 
@@ -200,12 +203,11 @@ def _warp(x: torch.Tensor, outer: torch.Tensor, height: int, width: int,
     to_source = outer if inner is None else outer @ inner
     source = torch.einsum("nij,hwj->nhwi", to_source[:, :2], pixels)
     # grid_sample's coordinates (align_corners=False): -1 and 1 are the outer edges of the source
-    scale = torch.tensor([2.0 / w_in, 2.0 / h_in], device=x.device)
-    out = F.grid_sample(x.float(), (source + 0.5) * scale - 1, mode="bilinear", padding_mode="zeros",
-                        align_corners=False)
+    grid = torch.stack([(source[..., 0] + 0.5) * (2.0 / w_in), (source[..., 1] + 0.5) * (2.0 / h_in)], dim=-1) - 1
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if inner is not None:
         frame = torch.einsum("nij,hwj->nhwi", inner[:, :2], pixels)
-        inside = ((frame >= -0.5) & (frame <= torch.tensor([width - 0.5, height - 0.5], device=x.device))).all(-1)
+        inside = ((frame >= -0.5).all(-1) & (frame[..., 0] <= width - 0.5) & (frame[..., 1] <= height - 0.5))
         out = out * inside.unsqueeze(1)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -299,9 +301,12 @@ class _AutoAugment:
     sharpness blend each image with its own degenerate image (black, grey, grey mean, blurred: v2's
     kernels at factor 0) by a per-sample factor, 1 for the others; posterize masks bits per sample
     (8 bits for the others); solarize thresholds per sample (256 for the others); autocontrast and
-    equalize (v2's batched kernels) are ``torch.where``-selected. Measured (benchmarks/bench_augment.py)
-    on 256 x 3 x 224 x 224 on the CPU: see its output; computing each op fully for the whole batch and
-    selecting costs more, as each of the four blend ops then needs its own full blend.
+    equalize (v2's batched kernels) are ``torch.where``-selected. The alternative, every op computed
+    by v2's kernels for the whole batch and then ``torch.where``-selected, cannot give per-sample
+    magnitudes (v2 takes one scalar) and is no faster: measured with ``benchmarks/bench_augment.py
+    --compare`` on 256 x 3 x 224 x 224 uint8 on the CPU (2 shared cores, loaded), 36.2 images/s here
+    against 36.4 for it. On the CPU the blur of the sharpness op (v2's kernel, ~40%) and equalize
+    (~15%) dominate; the GPU was not measured.
     """
 
     def __init__(self, policy: str, *, size: int, num_ops: int, magnitude: int) -> None:
