@@ -89,7 +89,8 @@ def test_training_steps_do_not_sync_with_the_host() -> None:
     schedule = Schedule(opt, SchedulerConfig(name="onecycle"), epochs=2, steps_per_epoch=steps)
     settings = TrainSettings(epochs=2, batch_size=32, max_norm=3.0,
                              max_norm_weights=list(constrained_weights(model, ["head.*"]).values()),
-                             progress=False, augment=create_augment(AugmentConfig(name="flip", p=0.5)))
+                             progress=False, augment=create_augment(
+                                 AugmentConfig(name="standard", mixup_alpha=0.2, cutmix_alpha=1.0), size=8, num_classes=10))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -109,9 +110,11 @@ def test_flip_on_cuda_is_seeded_and_per_sample() -> None:
 
     train, _ = _digits_on(torch.device("cuda"))
     x = train.images[:256]
-    flip = create_augment(AugmentConfig(name="flip", p=0.5))
-    first = flip(x, torch.Generator("cuda").manual_seed(0))
+    y = train.labels[:256]
+    flip = create_augment(AugmentConfig(name="flip", p=0.5), size=8, num_classes=10)
+    assert flip is not None
+    first, _ = flip(x, y, torch.Generator("cuda").manual_seed(0))
     assert first.device == x.device and first.dtype == torch.uint8
-    assert torch.equal(first, flip(x, torch.Generator("cuda").manual_seed(0)))
+    assert torch.equal(first, flip(x, y, torch.Generator("cuda").manual_seed(0))[0])
     flipped = int((first != x).flatten(1).any(dim=1).sum())
     assert 64 < flipped < 192

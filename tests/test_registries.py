@@ -54,9 +54,10 @@ class ToyAugment:
     def __init__(self) -> None:
         self.batches: list[tuple[torch.dtype, tuple[int, ...]]] = []
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         self.batches.append((x.dtype, tuple(x.shape)))
-        return 255 - x
+        return 255 - x, y
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def toys():  # type: ignore[no-untyped-def]
         return ToyHead(in_features, num_classes)
 
     @AUGMENTATIONS.register("toy")
-    def _toy_augment(cfg: object) -> ToyAugment:
+    def _toy_augment(cfg: object, *, size: int, num_classes: int) -> ToyAugment:
         built["augment"].append(ToyAugment())
         return built["augment"][-1]
 

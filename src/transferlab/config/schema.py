@@ -125,8 +125,25 @@ class SchedulerConfig:
 
 @dataclass
 class AugmentConfig:
-    name: str = "none"  # none | flip: applied to each training batch on the device (never to evaluation)
-    p: float = 0.5  # flip: probability that a sample is flipped horizontally
+    # none | flip | light | standard | digits: applied to each training batch on the device (never to
+    # evaluation); see transferlab/training/augment.py for what each does
+    name: str = "none"
+    p: float = 0.5  # flip, light, standard: probability that a sample is flipped horizontally
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # light, standard: crop area / image area
+    ratio: List[float] = field(default_factory=lambda: [0.75, 4 / 3])  # light, standard: crop width / height
+    policy: str = "trivial"  # standard: trivial (TrivialAugmentWide) | rand (RandAugment) | none
+    num_ops: int = 2  # standard, policy=rand: ops per sample
+    magnitude: int = 9  # standard, policy=rand: magnitude bin, 0-30
+    erase_p: float = 0.1  # standard: probability of random erasing per sample
+    degrees: float = 10.0  # digits: rotation drawn from [-degrees, degrees]
+    translate: float = 0.1  # digits: shift drawn from [-translate, translate] x the image's width (height)
+    # Mixing of the whole batch after the per-sample transforms (every choice but none), timm's Mixup
+    # with per-sample lambdas: mixup and/or cutmix when their alpha > 0 (Beta(alpha, alpha)); each
+    # sample is mixed with probability mix_prob (timm: prob); with both on, cutmix with switch_prob.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
 
 
 @dataclass
@@ -145,6 +162,9 @@ class TrainerConfig:
     # Memory the training and validation images may occupy on the device (on a CPU run, in RAM), in MB;
     # null: half of what is free. A split that does not fit streams from the prepared files instead.
     memory_budget_mb: Optional[float] = None
+    # null | balanced: weight each class's training loss by n_samples / (n_classes * count of the class)
+    # in the training split (scikit-learn's class_weight='balanced'); evaluation losses stay unweighted
+    class_weight: Optional[str] = None
 
 
 @dataclass

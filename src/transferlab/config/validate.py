@@ -181,9 +181,10 @@ def validate(cfg: ExperimentConfig) -> None:
     # Imported here: they pull in torch, which schema-only users do not need.
     from transferlab.data import list_sources
     from transferlab.models.backbones import list_backbones
-    from transferlab.models.heads import POOLINGS, list_heads
+    from transferlab.models.heads import CLASS_WEIGHTS, POOLINGS, list_heads
     from transferlab.models.activations import list_activations
-    from transferlab.training.augment import list_augmentations
+    from transferlab.training.augment import MAGNITUDE_BINS, list_augmentations
+    from transferlab.training.augment import POLICIES as AUGMENT_POLICIES
     from transferlab.models.weights import check_weights_spec
 
     d = cfg.data
@@ -258,7 +259,22 @@ def validate(cfg: ExperimentConfig) -> None:
 
     a = cfg.augment
     _one_of(a.name, list_augmentations(), "augment.name", "augmentation")
-    _check(0.0 <= a.p <= 1.0, "augment.p", f"must be a probability in [0, 1], got {a.p}")
+    for name in ("p", "erase_p", "mix_prob", "switch_prob"):
+        value = getattr(a, name)
+        _check(0.0 <= value <= 1.0, f"augment.{name}", f"must be a probability in [0, 1], got {value}")
+    _check(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, "augment.scale",
+           f"must be [min, max] with 0 < min <= max <= 1 (of the image's area), got {list(a.scale)}")
+    _check(len(a.ratio) == 2 and 0 < a.ratio[0] <= a.ratio[1], "augment.ratio",
+           f"must be [min, max] with 0 < min <= max (width / height), got {list(a.ratio)}")
+    _one_of(a.policy, AUGMENT_POLICIES, "augment.policy", "augmentation policy")
+    _check(a.num_ops >= 1, "augment.num_ops", f"must be >= 1, got {a.num_ops}")
+    _check(0 <= a.magnitude < MAGNITUDE_BINS, "augment.magnitude",
+           f"must be a magnitude bin in [0, {MAGNITUDE_BINS - 1}], got {a.magnitude}")
+    _check(0.0 <= a.degrees <= 180.0, "augment.degrees", f"must be in [0, 180], got {a.degrees}")
+    _check(0.0 <= a.translate < 1.0, "augment.translate", f"must be in [0, 1) (of the image's side), got {a.translate}")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        value = getattr(a, name)
+        _check(value >= 0, f"augment.{name}", f"must be >= 0 (0: off), got {value}")
 
     t = cfg.trainer
     _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
@@ -279,6 +295,8 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(t.num_threads >= 1, "trainer.num_threads", f"must be >= 1, got {t.num_threads}")
     if t.memory_budget_mb is not None:
         _check(t.memory_budget_mb > 0, "trainer.memory_budget_mb", f"must be > 0 (MB), got {t.memory_budget_mb}")
+    _check(t.class_weight is None or t.class_weight in CLASS_WEIGHTS, "trainer.class_weight",
+           f"must be null or one of {CLASS_WEIGHTS}, got '{t.class_weight}'")
 
     p = cfg.pretrain
     _check(p.epochs >= 1, "pretrain.epochs", f"must be >= 1, got {p.epochs}")

@@ -98,13 +98,24 @@ class Head(nn.Module):
             return grouped.logsumexp(dim=2)
         return grouped.amax(dim=2)
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of ``logits`` against ``target``: class indices (int64 ``[N]``) or class
+        probabilities (float ``[N, num_classes]``, e.g. mixup's soft targets).
+
+        ``weight`` (``[num_classes]``, see :func:`class_weights`) weights each class's terms, and the
+        mean is the weighted one: ``sum_n sum_c w_c t_nc l_nc / sum_n sum_c w_c t_nc`` with ``t`` the
+        target as probabilities (one-hot for indices) before label smoothing, ``l_nc = -log p_nc`` and
+        the smoothed target in the numerator. For indices this is exactly ``F.cross_entropy(...,
+        weight=w)``; for probabilities PyTorch would divide by N instead, so one-hot probabilities
+        and their indices give the same loss here. The binary head reads probabilities as the
+        positive class's (``target[:, 1]``)."""
         if self.binary:
-            y = target.float()
-            if label_smoothing:
-                y = y * (1 - label_smoothing) + 0.5 * label_smoothing
-            return F.binary_cross_entropy_with_logits(logits.squeeze(1), y)
-        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+            return _binary_loss(logits.squeeze(1), target, label_smoothing, weight)
+        if not target.is_floating_point():
+            return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
+        total = F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+        return total / (target.sum() if weight is None else (target @ weight).sum())
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[N, num_classes]``."""
@@ -117,6 +128,50 @@ class Head(nn.Module):
         if self.binary:
             return (logits.squeeze(1) > 0).long()
         return logits.argmax(dim=1)
+
+    def hits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """How many predictions match ``target`` (a 0-d device tensor). Soft targets count against
+        their dominant class (:func:`targets_to_labels`): train accuracy under mixup/cutmix is
+        measured against the label that holds most of each mixed image."""
+        return (self.predict(logits) == targets_to_labels(target)).sum()
+
+
+def targets_to_labels(target: torch.Tensor) -> torch.Tensor:
+    """Class indices of ``target``: itself for indices, the most probable class of soft targets."""
+    return target.argmax(dim=1) if target.is_floating_point() else target
+
+
+def _binary_loss(logit: torch.Tensor, target: torch.Tensor, label_smoothing: float,
+                 weight: torch.Tensor | None) -> torch.Tensor:
+    """:meth:`Head.loss` for one logit per sample: the same weighted mean, over the two classes."""
+    p = target[:, 1] if target.is_floating_point() else target.float()
+    smoothed = p * (1 - label_smoothing) + 0.5 * label_smoothing if label_smoothing else p
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(logit, smoothed)
+    # w1 * t * -log(s) + w0 * (1 - t) * -log(1 - s) = w0 * BCE with pos_weight w1 / w0
+    total = F.binary_cross_entropy_with_logits(logit, smoothed, weight=weight[0].expand_as(logit),
+                                               pos_weight=weight[1] / weight[0], reduction="sum")
+    return total / (weight[1] * p + weight[0] * (1 - p)).sum()
+
+
+CLASS_WEIGHTS = ["balanced"]  # trainer.class_weight, besides null
+
+
+def class_weights(labels: torch.Tensor, num_classes: int, mode: str | None) -> torch.Tensor | None:
+    """Per-class loss weights for ``trainer.class_weight`` from the training labels (int64 ``[N]``),
+    on their device; None for ``mode=None`` (every class weighs 1).
+
+    ``balanced`` is scikit-learn's: ``n_samples / (n_classes * count_c)``, so each class contributes
+    as much to the loss as it would in a balanced training set. A class with no training image
+    (it never is a training target, so its weight has no effect) is counted once, to stay finite.
+    """
+    if mode is None:
+        return None
+    if mode != "balanced":
+        raise ValueError(f"unknown class weighting {mode!r}; expected one of {CLASS_WEIGHTS} or None")
+    counts = torch.zeros(num_classes, device=labels.device).index_add_(
+        0, labels, torch.ones_like(labels, dtype=torch.float32))
+    return labels.shape[0] / (num_classes * counts.clamp(min=1))
 
 
 HeadBuilder = Callable[..., Head]

@@ -23,6 +23,7 @@ from transferlab.data import PreparedData, load_prepared
 from transferlab.models.assemble import SPEC_FILE, save_spec
 from transferlab.models.backbones import backbone_layers
 from transferlab.models.weights import read_weights_file, read_weights_meta
+from transferlab.training.augment import augment_warnings
 from transferlab.training.build import Training, build_training
 from transferlab.training.loop import Batches, FitResult
 from transferlab.training.param_groups import describe_groups
@@ -64,6 +65,8 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
     """Train and log; return the MLflow run id and the fit result."""
     from transferlab.tracking.run import lineage_tags, open_run
 
+    for warning in augment_warnings(cfg):
+        print(f"finetune: warning: {warning}")
     seed_everything(cfg.seed)
     configure_threads(cfg.trainer.num_threads)
     data = load_prepared(Path(cfg.paths.prepared) / "target")

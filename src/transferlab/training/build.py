@@ -18,6 +18,7 @@ from transferlab.config.schema import AugmentConfig, ExperimentConfig, HeadConfi
 from transferlab.data import PreparedData
 from transferlab.models.assemble import FineTuneModel, ModelSpec, build_model
 from transferlab.models.backbones import Backbone
+from transferlab.models.heads import class_weights
 from transferlab.training.augment import create_augment
 from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_layers, plan_freeze
 from transferlab.training.batches import (
@@ -103,7 +104,9 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
         max_norm_weights=max_norm_weights(model, list(mn.layers)) if mn.enabled else [],
         frozen_norms=frozen_norm_layers(model, plan.frozen), frozen=plan.frozen,
         head_only_epochs=f.head_only_epochs, amp=t.amp, channels_last=t.channels_last, compile=t.compile,
-        progress=t.progress, seed=cfg.seed, checkpoint=checkpoint, augment=create_augment(cfg.augment))
+        progress=t.progress, seed=cfg.seed, checkpoint=checkpoint,
+        augment=create_augment(cfg.augment, size=spec.input_size, num_classes=spec.num_classes),
+        class_weight=class_weights(data.splits["train"].labels.to(device), spec.num_classes, t.class_weight))
     return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device, placement)
 
 

@@ -51,6 +51,7 @@ class TrainSettings:
     progress: bool = True
     seed: int = 0
     augment: Augment | None = None  # applied to each training batch (uint8, on the device)
+    class_weight: torch.Tensor | None = None  # per-class weights of the training loss (on the device)
     checkpoint: Path | None = None  # the best state dict goes here
 
 
@@ -145,7 +146,7 @@ class AugmentHook(Hook):
         self.generator = torch.Generator(device).manual_seed(seed + AUGMENT_SEED_OFFSET)
 
     def on_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.augment(x, self.generator), y
+        return self.augment(x, y, self.generator)
 
 
 class MaxNormHook(Hook):
@@ -199,9 +200,9 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
         with _autocast(device, s.amp):
             logits, aux = _split_output(forward(x))
             logits = logits.float()
-            loss = head.loss(logits, y, s.label_smoothing)
+            loss = head.loss(logits, y, s.label_smoothing, weight=s.class_weight)
             if aux is not None:
-                loss = loss + s.aux_loss_weight * head.loss(aux.float(), y, s.label_smoothing)
+                loss = loss + s.aux_loss_weight * head.loss(aux.float(), y, s.label_smoothing, weight=s.class_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -209,7 +210,7 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
         for hook in hooks:
             hook.after_step()
         loss_sum += loss.detach() * y.shape[0]
-        hits += (head.predict(logits.detach()) == y).sum()
+        hits += head.hits(logits.detach(), y)  # soft (mixed) targets count against their dominant class
         seen += y.shape[0]
         progress.update(1)
     metrics = {"train_loss": loss_sum / seen, "train_acc": hits.double() / seen}
