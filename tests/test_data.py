@@ -157,7 +157,9 @@ def test_imagefolder_reads_every_mode(image_folder: Path) -> None:
     assert raw.images.shape == (6, 3, 16, 16) and raw.images.dtype == np.uint8  # mixed -> RGB
     assert raw.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert raw.source == "imagefolder"
-    cmyk_red = raw.images[5, :, 8, 8].tolist()
+    images = np.asarray(raw.images)  # decoded here, not before
+    assert images.shape == (6, 3, 16, 16) and images.dtype == np.uint8
+    cmyk_red = images[5, :, 8, 8].tolist()
     assert cmyk_red[0] > 200 and cmyk_red[1] < 50 and cmyk_red[2] < 50
 
 
@@ -167,11 +169,11 @@ def test_imagefolder_grey_folder_gets_one_channel_and_16_bit_is_scaled(tmp_path:
     _save(root / "a" / "y.png", Image.new("LA", (6, 6), (80, 255)))
     full = np.full((6, 6), 257 * 100, dtype=np.uint16)  # 100 at 8 bits
     _save(root / "b" / "z.png", Image.fromarray(full))
-    raw = load_source("imagefolder", root=".", path=root, image_size=4)
-    assert raw.images.shape == (3, 1, 4, 4)
-    assert [int(raw.images[i].mean()) for i in range(3)] == [40, 80, 100]
-    rgb = load_source("imagefolder", root=".", path=root, image_size=4, channels=3)
-    assert rgb.images.shape == (3, 3, 4, 4) and (rgb.images[2] == 100).all()
+    images = np.asarray(load_source("imagefolder", root=".", path=root, image_size=4).images)
+    assert images.shape == (3, 1, 4, 4)
+    assert [int(images[i].mean()) for i in range(3)] == [40, 80, 100]
+    rgb = np.asarray(load_source("imagefolder", root=".", path=root, image_size=4, channels=3).images)
+    assert rgb.shape == (3, 3, 4, 4) and (rgb[2] == 100).all()
 
 
 def test_imagefolder_corrupt_file_is_named(image_folder: Path) -> None:
@@ -179,7 +181,7 @@ def test_imagefolder_corrupt_file_is_named(image_folder: Path) -> None:
     bad = image_folder / "dog" / "broken.png"
     bad.write_bytes(good[: len(good) // 2])  # truncated mid-stream: header fine, data not
     with pytest.raises(DataError, match="Cannot read image") as info:
-        load_source("imagefolder", root=".", path=image_folder, image_size=8)
+        np.asarray(load_source("imagefolder", root=".", path=image_folder, image_size=8).images)
     assert str(bad) in str(info.value)
 
 
@@ -190,7 +192,7 @@ def test_imagefolder_faults_are_reported_all_at_once(image_folder: Path) -> None
     broken[1].write_bytes(b"not a jpeg at all")
     for channels in (None, 3):  # the header pass (channel detection) and the decode pass
         with pytest.raises(DataError) as info:
-            load_source("imagefolder", root=".", path=image_folder, image_size=8, channels=channels)
+            np.asarray(load_source("imagefolder", root=".", path=image_folder, image_size=8, channels=channels).images)
         message = str(info.value)
         assert f"in {image_folder}" in message
         # junk.jpg fails at the header; half.png only when decoded
@@ -319,12 +321,15 @@ def prepared(digits: RawDataset) -> PreparedData:
 def test_prepare_dataset(prepared: PreparedData, digits: RawDataset) -> None:
     assert prepared.class_names == ["3", "5", "8"]
     assert prepared.num_classes == 3 and prepared.channels == 1 and prepared.image_size == (8, 8)
-    assert {k: len(v) for k, v in prepared.splits.items()} == {"train": 108, "val": 36, "test": 36}
-    assert prepared.meta["counts"] == {"train": 108, "val": 36, "test": 36}
+    # max_per_class=60 caps the training split only; val and test keep 20% each of the 3 classes
+    sizes = {k: len(v) for k, v in prepared.splits.items()}
+    held_out = sum(int(np.floor(n * 0.2 + 0.5)) for n in np.bincount(digits.labels)[[3, 5, 8]])
+    assert sizes == {"train": 180, "val": held_out, "test": held_out}
+    assert prepared.meta["counts"] == sizes
     assert prepared.meta["source"] == "digits" and prepared.meta["image_size"] == [8, 8]
     train = prepared.splits["train"]
     assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
-    assert torch.bincount(train.labels).tolist() == [36, 36, 36]
+    assert torch.bincount(train.labels).tolist() == [60, 60, 60]
     pixels = train.images.double() / 255
     assert prepared.mean[0] == pytest.approx(pixels.mean().item())
     assert prepared.std[0] == pytest.approx(pixels.std(unbiased=False).item())
@@ -350,9 +355,12 @@ def test_save_load_round_trip(prepared: PreparedData, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temp leftovers
     assert sorted(p.name for p in out.iterdir()) == [
         "meta.json",
-        "test.safetensors",
-        "train.safetensors",
-        "val.safetensors",
+        "test.images.npy",
+        "test.labels.npy",
+        "train.images.npy",
+        "train.labels.npy",
+        "val.images.npy",
+        "val.labels.npy",
     ]
     loaded = load_prepared(out)
     for name, split in prepared.splits.items():
@@ -372,7 +380,7 @@ def test_load_prepared_errors_name_the_directory(prepared: PreparedData, tmp_pat
 
     out = tmp_path / "prepared"
     save_prepared(prepared, out)
-    train = out / "train.safetensors"
+    train = out / "train.images.npy"
     train.write_bytes(train.read_bytes()[:-10])  # truncated
     with pytest.raises(DataError, match="corrupt") as info:
         load_prepared(out)

@@ -22,11 +22,18 @@ class DataConfig:
     # What prepare reads from disk, a DVC dependency of stage prepare (dvc.yaml): the image
     # folder, or the loader code for built-in sources. Set by the data group.
     inputs: Optional[str] = "src/transferlab/data/sources.py"
-    image_size: Optional[int] = None  # resize once at prepare time (imagefolder needs it)
+    # The stored size, at prepare time (imagefolder needs it): an image folder's images get their
+    # shorter side resized to image_size, then are centre-cropped to a square (aspect kept). Leave
+    # room for random-resized-crop: about 1.14x backbone.input_size (torchvision's 256 -> 224).
+    image_size: Optional[int] = None
     channels: Optional[int] = None  # 1 or 3; null keeps the source's
     classes: Optional[List[str]] = None  # names (or indices) of the target classes; null = all
     positive_class: Optional[str] = None  # one-vs-rest: this class against all others
-    max_per_class: Optional[int] = None  # cap the labelled images per class (low-data fine-tuning)
+    # Cap the training images per class (low-data fine-tuning); validation and test stay whole.
+    max_per_class: Optional[int] = None
+    # Stratified split fractions. An image folder with train/ and val/ subfolders brings its own
+    # split and val_fraction does not apply; test_fraction only carves test from train/ when
+    # there is no test/ subfolder.
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     download: bool = True

@@ -197,7 +197,8 @@ def validate(cfg: ExperimentConfig) -> None:
     if d.channels is not None:
         _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3 (or null), got {d.channels}")
     if d.max_per_class is not None:
-        _check(d.max_per_class >= 3, "data.max_per_class", f"must be >= 3 (one per split), got {d.max_per_class}")
+        _check(d.max_per_class >= 1, "data.max_per_class",
+               f"must be >= 1 (training images per class), got {d.max_per_class}")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
     _check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction",
@@ -209,6 +210,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _one_of(b.name, list_backbones(), "backbone.name", "backbone")
     if b.input_size is not None:
         _check(b.input_size >= 4, "backbone.input_size", f"must be >= 4 (or null), got {b.input_size}")
+        if d.image_size is not None:
+            _check(d.image_size >= b.input_size, "data.image_size",
+                   f"the stored size {d.image_size} is smaller than backbone.input_size={b.input_size}: images "
+                   "would be blown up, not cropped; store at least the input size (about 1.14x leaves room for "
+                   f"random-resized-crop, e.g. {round(b.input_size * 8 / 7)})")
     _check(b.channels in (1, 3), "backbone.channels", f"must be 1 or 3, got {b.channels}")
     _check(b.width >= 1, "backbone.width", f"must be >= 1, got {b.width}")
     _check(b.depth >= 1, "backbone.depth", f"must be >= 1, got {b.depth}")

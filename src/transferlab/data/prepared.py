@@ -1,7 +1,10 @@
 """The prepared dataset: fixed train/val/test tensors plus what training needs to know.
 
 ``prepare_dataset`` turns a RawDataset into splits; ``save_prepared``/``load_prepared``
-move it through the DVC-tracked directory (one ``.safetensors`` per split + ``meta.json``).
+move it through the DVC-tracked directory: per split ``<split>.images.npy`` (uint8
+``[N, C, H, W]``) and ``<split>.labels.npy`` (int64), plus ``meta.json``. ``load_prepared``
+memory-maps the ``.npy`` files, so reading them costs no copy and data larger than memory
+can be streamed from the page cache.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from .sources import DataError, RawDataset
-from .split import SPLITS, cap_per_class, select_classes, stratified_split
+from .split import SPLITS, cap_per_class, predefined_split, select_classes, stratified_split
 
 __all__ = [
     "PreparedData",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one .safetensors per split
 MIN_STD = 1e-3  # a constant channel (blank MNIST border crops, tiny subsets) must not divide by 0
 
 
@@ -71,19 +73,48 @@ class PreparedData:
         return int(height), int(width)
 
 
-def _channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std on [0, 1], in float64 chunks so big datasets need no float copy."""
-    channels = images.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    total_sq = torch.zeros(channels, dtype=torch.float64)
-    for start in range(0, images.shape[0], chunk):
-        x = images[start : start + chunk].to(torch.float64) / 255.0
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += (x * x).sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()
+def _channel_stats(images: torch.Tensor, chunk_bytes: int = 32 * 2**20) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std on [0, 1], streamed over chunks of about ``chunk_bytes``: the
+    per-channel sums of pixel values and of their squares are exact integers (uint64), so the
+    result does not depend on the chunking and no float copy of the images is ever made."""
+    array = images.numpy()
+    channels = array.shape[1]
+    per_image = max(1, int(np.prod(array.shape[1:])))
+    step = max(1, chunk_bytes // per_image)
+    total = np.zeros(channels, dtype=np.uint64)
+    total_sq = np.zeros(channels, dtype=np.uint64)
+    for start in range(0, array.shape[0], step):
+        part = array[start : start + step]
+        total += part.sum(axis=(0, 2, 3), dtype=np.uint64)
+        total_sq += np.multiply(part, part, dtype=np.uint16).sum(axis=(0, 2, 3), dtype=np.uint64)
+    count = max(1, array.shape[0] * array.shape[2] * array.shape[3])
+    mean = total.astype(np.float64) / count / 255.0
+    std = np.sqrt(np.clip(total_sq.astype(np.float64) / count / 255.0**2 - mean * mean, 0.0, None))
     return mean.tolist(), [max(float(s), MIN_STD) for s in std]
+
+
+def split_indices(
+    labels: np.ndarray,
+    splits: np.ndarray | None,
+    *,
+    max_per_class: int | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    class_names: list[str],
+) -> dict[str, np.ndarray]:
+    """Ascending indices per split: the source's own split if it has one (``splits``), else a
+    stratified one; then at most ``max_per_class`` training images per class. The cap is on
+    the training labels only (low-data fine-tuning): validation and test stay whole, so scores
+    with and without a cap are measured on the same images."""
+    if splits is None:
+        parts = stratified_split(labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                 class_names=class_names)
+    else:
+        parts = predefined_split(labels, splits, test_fraction=test_fraction, seed=seed, class_names=class_names)
+    train = parts["train"]
+    parts["train"] = train[cap_per_class(labels[train], max_per_class, seed)]
+    return parts
 
 
 def prepare_dataset(
@@ -95,26 +126,29 @@ def prepare_dataset(
     test_fraction: float,
     seed: int,
 ) -> PreparedData:
-    """Select classes, cap them, split stratified, and compute train-split normalisation."""
+    """Select classes, split (stratified, or the source's own split), cap the training split,
+    and compute train-split normalisation.
+
+    The images are taken once, in split order, into one array whose slices are the splits:
+    an image folder decodes only the images the task keeps, and memory holds one copy of them.
+    """
     kept, labels, class_names = select_classes(raw.labels, raw.class_names, classes)
     if len(class_names) < 2:
         raise DataError(
             f"Need at least 2 classes to train a classifier; got {class_names} "
             f"from classes={classes!r}"
         )
-    capped = cap_per_class(labels, max_per_class, seed)
-    kept, labels = kept[capped], labels[capped]
-    parts = stratified_split(
-        labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-        class_names=class_names,
-    )
-
+    parts = split_indices(labels, None if raw.splits is None else raw.splits[kept], max_per_class=max_per_class,
+                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                          class_names=class_names)
+    images = torch.from_numpy(np.asarray(raw.images[kept[np.concatenate([parts[n] for n in SPLITS])]]))
+    bounds = np.cumsum([0] + [len(parts[n]) for n in SPLITS])
     splits = {
         name: Split(
-            images=torch.from_numpy(np.ascontiguousarray(raw.images[kept[idx]])),
-            labels=torch.from_numpy(np.ascontiguousarray(labels[idx], dtype=np.int64)),
+            images=images[bounds[i] : bounds[i + 1]],
+            labels=torch.from_numpy(np.ascontiguousarray(labels[parts[name]], dtype=np.int64)),
         )
-        for name, idx in parts.items()
+        for i, name in enumerate(SPLITS)
     }
     mean, std = _channel_stats(splits["train"].images)
     height, width = raw.images.shape[2:]
@@ -136,6 +170,7 @@ def prepare_dataset(
             },
             "classes": None if classes is None else list(classes),
             "max_per_class": max_per_class,
+            "predefined_splits": raw.splits is not None,
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
             "seed": seed,
@@ -150,18 +185,19 @@ def data_hash(data: PreparedData) -> str:
     digest = hashlib.sha256()
     for name in SPLITS:
         split = data.splits[name]
-        images = split.images.contiguous().numpy()
+        images = np.ascontiguousarray(split.images.numpy())
         # Shapes and an explicit little-endian label layout keep the hash platform-stable
         # and tell [N, 1, 8, 8] from [N, 8, 8, 1] with the same bytes.
         digest.update(f"{name}:{list(images.shape)}:{images.dtype}\n".encode())
-        digest.update(images.tobytes())
+        digest.update(images.reshape(-1).data)  # the array's own buffer: no copy
         digest.update(split.labels.numpy().astype("<i8").tobytes())
     digest.update(json.dumps(list(data.class_names)).encode())
     return digest.hexdigest()
 
 
 def save_prepared(data: PreparedData, directory: Path) -> None:
-    """Write ``<split>.safetensors`` + ``meta.json`` into ``directory``, all or nothing."""
+    """Write ``<split>.images.npy``, ``<split>.labels.npy`` and ``meta.json`` into ``directory``,
+    all or nothing; the arrays are written from their own buffers (no copy in memory)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Build the new directory beside the target, then swap it in with renames, so an
@@ -170,10 +206,8 @@ def save_prepared(data: PreparedData, directory: Path) -> None:
     try:
         for name in SPLITS:
             split = data.splits[name]
-            save_file(
-                {"images": split.images.contiguous(), "labels": split.labels.contiguous()},
-                str(tmp / f"{name}.safetensors"),
-            )
+            np.save(tmp / f"{name}.images.npy", np.ascontiguousarray(split.images.numpy()), allow_pickle=False)
+            np.save(tmp / f"{name}.labels.npy", split.labels.numpy().astype("<i8"), allow_pickle=False)
         payload = {
             "format_version": FORMAT_VERSION,
             "class_names": list(data.class_names),
@@ -202,6 +236,16 @@ def read_prepared_meta(directory: Path) -> dict:
     return json.loads(meta_path.read_text())["meta"]
 
 
+def _map_array(path: Path, directory: Path) -> torch.Tensor:
+    """A ``.npy`` file as a tensor over a copy-on-write memory map (writable, the file untouched)."""
+    try:
+        array = np.load(path, mmap_mode="c", allow_pickle=False)
+    except Exception as exc:  # missing file, bad header, truncated data
+        raise DataError(f"Prepared data in {directory} is corrupt: cannot read {path}: {exc}") from exc
+    # An empty array has no pages to map: numpy hands back a plain array or an empty map.
+    return torch.from_numpy(np.asarray(array) if array.size == 0 else array)
+
+
 def load_prepared(directory: Path) -> PreparedData:
     """Read what ``save_prepared`` wrote; DataError naming the directory if missing or corrupt."""
     directory = Path(directory)
@@ -216,21 +260,20 @@ def load_prepared(directory: Path) -> PreparedData:
         mean = [float(m) for m in payload["mean"]]
         std = [float(s) for s in payload["std"]]
         meta = dict(payload["meta"])
+        version = payload["format_version"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
             f"Prepared data in {directory} is corrupt: cannot read {meta_path}: {exc}"
         ) from exc
+    if version != FORMAT_VERSION:
+        raise DataError(f"Prepared data in {directory} has format {version}, this version reads "
+                        f"{FORMAT_VERSION}: run the prepare stage again (dvc repro prepare)")
 
     splits: dict[str, Split] = {}
     for name in SPLITS:
-        path = directory / f"{name}.safetensors"
-        try:
-            tensors = load_file(str(path))
-            split = Split(images=tensors["images"], labels=tensors["labels"])
-        except Exception as exc:  # missing file, bad header, truncated buffer, missing key
-            raise DataError(
-                f"Prepared data in {directory} is corrupt: cannot read {path}: {exc}"
-            ) from exc
+        path = directory / f"{name}.images.npy"
+        split = Split(images=_map_array(path, directory),
+                      labels=_map_array(directory / f"{name}.labels.npy", directory))
         ok = (
             split.images.dtype == torch.uint8
             and split.images.ndim == 4

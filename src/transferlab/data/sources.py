@@ -1,14 +1,18 @@
 """Raw image sources, chosen by name: each loader returns every labelled image it has.
 
 Splitting, class selection and capping happen later (``split.py``, ``prepared.py``);
-a source only turns files into one uint8 ``[N, C, H, W]`` array and int64 labels.
+a source only turns files into one uint8 ``[N, C, H, W]`` array (or, for an image
+folder, ``ImageFiles``: the files, decoded only when the images are taken) and int64 labels.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,10 @@ from transferlab.registry import Registry
 __all__ = [
     "DataError",
     "IMAGE_EXTENSIONS",
+    "ImageFiles",
+    "SPLITS",
     "allocate_images",
+    "decode_images",
     "folder_fingerprint",
     "RawDataset",
     "SOURCES",
@@ -34,16 +41,49 @@ __all__ = [
 ]
 
 
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Image files seen as a uint8 ``[N, C, size, size]`` array that is decoded only when taken:
+    indexing gives the files of a subset (nothing decoded), ``np.asarray`` decodes them
+    (``decode_images``: in parallel, every unreadable file named in one error)."""
+
+    folder: Path  # named in errors
+    files: np.ndarray  # object array of Path, [N]
+    size: int
+    channels: int
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return len(self.files), self.channels, self.size, self.size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: np.ndarray) -> ImageFiles:
+        return replace(self, files=self.files[np.asarray(index)])
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        return decode_images(self.files, size=self.size, channels=self.channels, folder=self.folder)
+
+
 @dataclass
 class RawDataset:
-    images: np.ndarray  # uint8, [N, C, H, W], C in {1, 3}
+    images: np.ndarray | ImageFiles  # uint8, [N, C, H, W], C in {1, 3}
     labels: np.ndarray  # int64, [N], values index class_names
     class_names: list[str]
     source: str | None = None  # registry name, filled in by load_source (for meta)
+    # The source's own split of each image ('train', 'val' or 'test'; an image folder with
+    # train/ and val/ subfolders), or None: prepare then splits by data.val_fraction/test_fraction.
+    splits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         images, labels = self.images, np.asarray(self.labels)
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        if not isinstance(images, (np.ndarray, ImageFiles)) or images.dtype != np.uint8 or images.ndim != 4:
             raise DataError(
                 "RawDataset.images must be a uint8 numpy array [N, C, H, W]; got "
                 f"{type(images).__name__} dtype={getattr(images, 'dtype', None)} "
@@ -66,9 +106,18 @@ class RawDataset:
                 f"RawDataset.labels range {self.labels.min()}..{self.labels.max()} does not "
                 f"index the {len(self.class_names)} class names {self.class_names}"
             )
+        if self.splits is not None:
+            self.splits = np.asarray(self.splits)
+            if self.splits.shape != self.labels.shape or not np.isin(self.splits, SPLITS).all():
+                raise DataError(f"RawDataset.splits must name one of {list(SPLITS)} per image")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def take(self, index: np.ndarray) -> RawDataset:
+        """The images at ``index`` (integer indices or a boolean mask), undecoded if they were."""
+        return replace(self, images=self.images[index], labels=self.labels[index],
+                       splits=None if self.splits is None else self.splits[index])
 
 
 # Every loader gets the same keyword arguments so load_source can stay generic;
@@ -96,7 +145,9 @@ def load_source(
 
     ``root`` is where downloadable datasets live; ``path`` is the folder for
     ``imagefolder``. ``image_size`` gives square ``image_size x image_size``
-    images; ``channels`` (1 or 3) converts grey <-> RGB.
+    images (an image folder's are resized keeping their aspect ratio, the shorter
+    side to ``image_size``, then centre-cropped); ``channels`` (1 or 3) converts
+    grey <-> RGB. An image folder's images are ``ImageFiles``, decoded when taken.
     """
     loader = SOURCES[name].build
     if image_size is not None and (
@@ -117,7 +168,7 @@ def load_source(
         images = convert_channels(images, channels)
     if image_size is not None and images.shape[2:] != (image_size, image_size):
         images = resize_images(images, image_size)
-    return RawDataset(images=images, labels=raw.labels, class_names=raw.class_names, source=name)
+    return replace(raw, images=images, source=name)
 
 
 def source_class_names(name: str, *, root: str | Path = "data/raw", path: str | Path | None = None) -> list[str]:
@@ -256,7 +307,7 @@ def _load_cifar10(*, root: Path, download: bool = True, **_: object) -> RawDatas
 def _folder_classes(path: Path | None) -> list[str]:
     if path is None:
         raise DataError("Source 'imagefolder' needs path=<folder with one subfolder per class>")
-    return _scan_image_folder(path)[0]
+    return _scan_image_folder(path).class_names
 
 
 @register_source("imagefolder", class_names=lambda *, path, **_: _folder_classes(path))
@@ -268,7 +319,7 @@ def _load_imagefolder(
     if image_size is None:
         raise DataError(
             f"Source 'imagefolder' needs image_size: the images in {path} can have any size "
-            "and must be resized to one square size"
+            "and are resized (shorter side) and centre-cropped to one square size"
         )
     return read_image_folder(Path(path), image_size=image_size, channels=channels)
 
@@ -288,39 +339,72 @@ def _visible(entry: Path) -> bool:
     return not entry.name.startswith(".")
 
 
-def _scan_image_folder(path: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (the subfolder names, sorted) and (file, label) pairs.
+@dataclass
+class _FolderScan:
+    class_names: list[str]
+    files: list[Path]
+    labels: list[int]
+    splits: list[str] | None  # per file, when the folder has train/ and val/ subfolders
 
-    Every empty class folder is reported in one error, so one fix-and-rerun is enough.
+
+def _class_files(folder: Path) -> tuple[list[str], list[list[Path]]]:
+    """Sorted class subfolder names of ``folder`` and each one's image files, sorted by name:
+    the order never depends on the file system's listing order."""
+    class_dirs = sorted((e for e in folder.iterdir() if e.is_dir() and _visible(e)), key=lambda e: e.name)
+    return [d.name for d in class_dirs], [
+        sorted(e for e in d.iterdir() if _visible(e) and e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS)
+        for d in class_dirs
+    ]
+
+
+def _scan_image_folder(path: Path) -> _FolderScan:
+    """Class names (the subfolder names, sorted) and the image files with their labels.
+
+    A folder holding ``train/`` and ``val/`` (and optionally ``test/``) subfolders, each
+    with the same class subfolders, brings its own split. Every empty class folder is
+    reported in one error, so one fix-and-rerun is enough.
     """
     if not path.is_dir():
         raise DataError(f"Image folder {path} does not exist or is not a directory")
-    class_dirs = sorted(
-        (entry for entry in path.iterdir() if entry.is_dir() and _visible(entry)),
-        key=lambda entry: entry.name,
-    )
-    if len(class_dirs) < 2:
+    predefined = (path / "train").is_dir() and (path / "val").is_dir()
+    parts = [name for name in SPLITS if (path / name).is_dir()] if predefined else [None]
+    if predefined:
+        others = sorted(e.name for e in path.iterdir() if e.is_dir() and _visible(e) and e.name not in SPLITS)
+        if others:
+            raise DataError(f"Image folder {path} has train/ and val/ subfolders (its own split), so every "
+                            f"other subfolder is out of place: {others}; move them into train/, val/ or test/")
+    scanned = {part: _class_files(path if part is None else path / part) for part in parts}
+    class_names = scanned[parts[0]][0]
+    for part in parts[1:]:
+        names = scanned[part][0]
+        if names != class_names:
+            raise DataError(
+                f"Image folder {path}: the class folders of {path / part} differ from those of "
+                f"{path / parts[0]}: only in {part}/: {sorted(set(names) - set(class_names))}, only in "
+                f"{parts[0]}/: {sorted(set(class_names) - set(names))}; each split needs the same classes")
+    if len(class_names) < 2:
+        where = path if parts[0] is None else path / parts[0]
         raise DataError(
-            f"Image folder {path} has {len(class_dirs)} class subfolder(s) "
-            f"{[d.name for d in class_dirs]}; expected at least 2 (one per class)"
+            f"Image folder {where} has {len(class_names)} class subfolder(s) "
+            f"{class_names}; expected at least 2 (one per class)"
         )
-    files: list[tuple[Path, int]] = []
+    files: list[Path] = []
+    labels: list[int] = []
+    splits: list[str] = []
     empty: list[str] = []
-    for label, class_dir in enumerate(class_dirs):
-        found = sorted(
-            entry
-            for entry in class_dir.iterdir()
-            if _visible(entry) and entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if not found:
-            empty.append(class_dir.name)
-        files.extend((file, label) for file in found)
+    for part in parts:
+        for label, (name, found) in enumerate(zip(*scanned[part], strict=True)):
+            if not found:
+                empty.append(name if part is None else f"{part}/{name}")
+            files.extend(found)
+            labels.extend([label] * len(found))
+            splits.extend([part] * len(found))
     if empty:
         raise DataError(
             f"Image folder {path}: {len(empty)} class folder(s) hold no images: {empty}; "
             f"expected files ending in {sorted(IMAGE_EXTENSIONS)} (any case)"
         )
-    return [d.name for d in class_dirs], files
+    return _FolderScan(class_names, files, labels, splits if predefined else None)
 
 
 def folder_fingerprint(path: str | Path) -> str:
@@ -369,7 +453,9 @@ def _decode(file: Path, size: int, channels: int) -> np.ndarray:
     """One file -> uint8 [C, size, size]; any decoder failure names the file."""
     try:
         with Image.open(file) as image:
-            # JPEG can decode straight at a reduced scale: much faster for big photos.
+            # JPEG can decode straight at a reduced scale (1/2, 1/4, 1/8) that still
+            # leaves both sides >= size: several times faster for photos much larger
+            # than the target (benchmarks/bench_prepare.py measures it).
             image.draft("RGB" if channels == 3 else "L", (size, size))
             image.load()  # decode now, so broken files fail here and not mid-conversion
             image = ImageOps.exif_transpose(image)
@@ -382,7 +468,9 @@ def _decode(file: Path, size: int, channels: int) -> np.ndarray:
                 # to every other one, but all reach these two.
                 image = image.convert("L" if _is_grey(image.mode) else "RGB")
             image = image.convert("RGB" if channels == 3 else "L")
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
+            # Keep the aspect ratio: the shorter side to size, then the centre square
+            # (one resample of the centre box, antialiased when shrinking).
+            image = ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... per format
         raise DataError(f"Cannot read image {file}: {type(exc).__name__}: {exc}") from exc
@@ -398,29 +486,88 @@ def _header_mode(file: Path) -> str:
 
 
 def read_image_folder(path: Path, *, image_size: int, channels: int | None = None) -> RawDataset:
-    """Read ``path/<class>/<image>`` into square ``image_size`` images.
+    """``path/<class>/<image>`` (or ``path/{train,val,test}/<class>/<image>``) as square
+    ``image_size`` images, undecoded (``ImageFiles``) until taken.
 
     Class names are the sorted subfolder names; hidden entries and files with other
     extensions are skipped. ``channels=None`` gives 1 channel when every image is
-    greyscale and 3 otherwise. Every file that cannot be read is named in one error.
+    greyscale and 3 otherwise (from the files' headers, every unreadable one named in one error).
     """
-    class_names, files = _scan_image_folder(path)
-    faults: list[str] = []
+    scan = _scan_image_folder(path)
     if channels is None:
+        faults: list[str] = []
         modes = []
-        for file, _label in files:
+        for file in scan.files:
             try:
                 modes.append(_header_mode(file))
             except DataError as err:
                 faults.append(str(err))
         _report_faults(path, faults)
         channels = 1 if all(_is_grey(mode) for mode in modes) else 3
-    images = allocate_images(len(files), channels, image_size, image_size)
-    for i, (file, _label) in enumerate(files):
+    files = np.empty(len(scan.files), dtype=object)
+    files[:] = scan.files
+    return RawDataset(images=ImageFiles(path, files, image_size, channels),
+                      labels=np.array(scan.labels, dtype=np.int64), class_names=scan.class_names,
+                      splits=None if scan.splits is None else np.array(scan.splits))
+
+
+def decode_workers() -> int:
+    """The CPUs this process may run on (its affinity, e.g. a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decode_images(files: Sequence[Path], *, size: int, channels: int, folder: Path,
+                  workers: int | None = None) -> np.ndarray:
+    """Decode ``files`` into one preallocated uint8 ``[N, C, size, size]`` array, in file order,
+    on ``workers`` threads (default: every CPU this process may use), with a progress report.
+
+    Threads, not processes: PIL releases the GIL while it decodes and resizes, so threads
+    use the cores, and they write straight into the output array, where a process pool
+    must pickle every decoded image back through an extra copy. On 2 cores both measured
+    alike (benchmarks/bench_prepare.py: 1.44x vs 1.52x one worker at 72 px, 1.10x vs
+    0.99x at 224 px, on a loaded machine), so the simpler, copy-free one is used.
+    The result is the same for any number of workers.
+    """
+    out = allocate_images(len(files), channels, size, size)
+    faults: list[str | None] = [None] * len(files)
+
+    def decode_one(i: int) -> None:
         try:
-            images[i] = _decode(file, image_size, channels)
+            out[i] = _decode(files[i], size, channels)
         except DataError as err:
-            faults.append(str(err))
-    _report_faults(path, faults)
-    labels = np.array([label for _file, label in files], dtype=np.int64)
-    return RawDataset(images=images, labels=labels, class_names=class_names)
+            faults[i] = str(err)
+
+    progress = _Progress(len(files), desc="prepare: decoding images")
+    try:
+        with ThreadPoolExecutor(max_workers=workers or decode_workers()) as pool:
+            for _ in pool.map(decode_one, range(len(files))):
+                progress.update()
+    finally:
+        progress.close()
+    _report_faults(folder, [fault for fault in faults if fault is not None])
+    return out
+
+
+class _Progress:
+    """A tqdm bar in a terminal; elsewhere (DVC, CI, a log file) a line per ~10% on stderr."""
+
+    def __init__(self, total: int, *, desc: str) -> None:
+        self.total, self.desc, self.done, self.bar = total, desc, 0, None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5)
+        self.next_line = 1
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif self.done * 10 >= self.next_line * self.total:
+            print(f"{self.desc}: {self.done}/{self.total} ({100 * self.done // self.total}%)",
+                  file=sys.stderr, flush=True)
+            self.next_line = self.done * 10 // self.total + 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

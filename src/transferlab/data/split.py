@@ -7,15 +7,14 @@ at the end, and the same seed always gives the same indices.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from numbers import Integral
 
 import numpy as np
 
-from .sources import DataError, RawDataset
+from .sources import SPLITS, DataError, RawDataset
 
-__all__ = ["cap_per_class", "one_vs_rest", "select_classes", "stratified_split"]
-
-SPLITS = ("train", "val", "test")
+__all__ = ["SPLITS", "cap_per_class", "one_vs_rest", "predefined_split", "select_classes", "stratified_split"]
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
@@ -185,10 +184,34 @@ def stratified_split(
     }
 
 
+def predefined_split(
+    labels: np.ndarray,
+    splits: np.ndarray,
+    *,
+    test_fraction: float,
+    seed: int,
+    class_names: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Indices per split from the source's own split names (``splits[i]`` for sample ``i``).
+
+    Without any 'test' sample, the test split is carved from 'train' as
+    ``stratified_split`` would carve it (``test_fraction`` of each class, seeded);
+    ``val_fraction`` never applies: the source's 'val' samples are the validation split.
+    """
+    labels = _check_labels(labels)
+    parts = {name: np.flatnonzero(np.asarray(splits) == name) for name in SPLITS}
+    if parts["test"].size == 0:
+        train = parts["train"]
+        carved = stratified_split(labels[train], val_fraction=0.0, test_fraction=test_fraction, seed=seed,
+                                  class_names=class_names)
+        parts["train"], parts["test"] = train[carved["train"]], train[carved["test"]]
+    return parts
+
+
 def one_vs_rest(raw: RawDataset, positive: str) -> RawDataset:
     """Relabel: 1 for class ``positive``, 0 for every other class."""
     if positive not in raw.class_names:
         raise DataError(f"data.positive_class: Unknown class '{positive}'; expected one of {raw.class_names}")
     pos = raw.class_names.index(positive)
     labels = (raw.labels == pos).astype(np.int64)
-    return RawDataset(raw.images, labels, [f"not_{positive}", positive], source=raw.source)
+    return replace(raw, labels=labels, class_names=[f"not_{positive}", positive])

@@ -1,5 +1,9 @@
 """Stage ``prepare``: decode the images once into compact tensors.
 
+An image folder's files are decoded in parallel (every CPU of the process's affinity),
+only those a task keeps, straight into the prepared arrays: the peak memory stays close
+to the size of what is written.
+
 Writes ``<paths.prepared>/target`` (the fine-tuning task) and, when
 ``pretrain.classes`` names a source task, ``<paths.prepared>/source`` (what
 ``backbone.weights=source`` pretrains on; which weights a run uses is not
@@ -25,8 +29,8 @@ from transferlab.data import (
 
 
 def subset(raw: RawDataset, keep: np.ndarray) -> tuple[RawDataset, np.ndarray]:
-    """The images at boolean mask ``keep``, and their indices in ``raw``."""
-    return RawDataset(raw.images[keep], raw.labels[keep], raw.class_names, source=raw.source), np.flatnonzero(keep)
+    """The images at boolean mask ``keep`` (an image folder's stay undecoded), and their indices in ``raw``."""
+    return raw.take(keep), np.flatnonzero(keep)
 
 
 def build_task(raw: RawDataset, cfg: ExperimentConfig, *, classes: list[str] | None,
