@@ -673,3 +673,47 @@ def test_the_default_source_recipe_is_sgd_nesterov_with_one_cycle() -> None:
     p = PretrainConfig()
     assert (p.optimizer.name, p.optimizer.lr, p.optimizer.momentum, p.optimizer.nesterov,
             p.optimizer.weight_decay, p.scheduler.name) == ("sgd", 0.05, 0.9, True, 5e-4, "onecycle")
+
+
+def test_mixup_and_cutmix_train_through_the_loop(digits: tuple[Batches, Batches]) -> None:
+    """Soft targets reach the loss and the train-accuracy count; validation stays on hard labels."""
+    from transferlab.config.schema import AugmentConfig, TrainerConfig
+    from transferlab.training.build import build_training
+
+    def history(augment: AugmentConfig) -> list[dict[str, float]]:
+        torch.manual_seed(0)
+        cfg = ExperimentConfig(backbone=BackboneConfig(name="small_cnn", channels=1, width=8, depth=2),
+                               augment=augment, trainer=TrainerConfig(epochs=2, batch_size=32, progress=False))
+        t = build_training(cfg, prepared_from(*digits))
+        return t.fit(*digits).history
+
+    plain = history(AugmentConfig(name="none"))
+    mixed = history(AugmentConfig(name="digits", mixup_alpha=0.4, cutmix_alpha=1.0))
+    for row in mixed:
+        assert math.isfinite(row["train_loss"]) and 0 < row["train_acc"] <= 1 and 0 < row["val_acc"] <= 1
+    assert mixed[0]["train_loss"] != plain[0]["train_loss"]
+    assert mixed[0]["val_acc"] != plain[0]["val_acc"]
+
+
+def test_balanced_class_weights_reach_the_training_loss(digits: tuple[Batches, Batches]) -> None:
+    from transferlab.config.schema import TrainerConfig
+    from transferlab.models.heads import class_weights
+    from transferlab.training.build import build_training
+
+    train, val = digits
+    keep = (train.labels < 3) | (torch.arange(len(train)) % 4 == 0)  # classes 0-2 over-represented
+    skewed = Batches(train.images[keep], train.labels[keep])
+
+    def run(mode: str | None) -> tuple[object, list[dict[str, float]]]:
+        torch.manual_seed(0)
+        cfg = ExperimentConfig(backbone=BackboneConfig(name="small_cnn", channels=1, width=8, depth=2),
+                               trainer=TrainerConfig(epochs=1, batch_size=32, progress=False, class_weight=mode))
+        t = build_training(cfg, prepared_from(skewed, val))
+        return t.settings.class_weight, t.fit(skewed, val).history
+
+    weight, weighted = run("balanced")
+    none, plain = run(None)
+    assert none is None
+    assert torch.equal(weight, class_weights(skewed.labels, 10, "balanced"))
+    assert weight[5] > weight[0]  # rare classes weigh more
+    assert weighted[0]["train_loss"] != plain[0]["train_loss"]
