@@ -109,6 +109,10 @@ class OptimizerConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     rho: float = 0.9  # adadelta
     eps: float = 1e-8
+    # timm's lr_base_size rule: null uses lr as given; else lr is the rate for a batch of lr_base_size and
+    # is scaled to the effective batch (trainer.batch_size x accumulate_grad_batches), linearly or by sqrt.
+    lr_base_size: Optional[int] = None
+    lr_base_scale: str = "linear"  # linear | sqrt
 
 
 @dataclass
@@ -127,6 +131,12 @@ class SchedulerConfig:
     pct_start: float = 0.3  # onecycle
     factor: float = 0.5  # plateau
     patience: int = 2  # plateau
+    # Linear learning-rate warm-up before any schedule, per optimiser step: the lr is multiplied by
+    # warmup_start_factor at the first step, rising linearly to 1 after warmup_steps steps
+    # (or warmup_epochs epochs' worth of steps); 0: no warm-up.
+    warmup_epochs: int = 0
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.01
     momentum: MomentumScheduleConfig = field(default_factory=MomentumScheduleConfig)
 
 
@@ -154,6 +164,21 @@ class AugmentConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    enabled: bool = False
+    monitor: Optional[str] = None  # val_acc | val_loss; null: trainer.monitor
+    patience: int = 5  # epochs without an improvement before training stops
+    min_delta: float = 0.0  # an improvement beats the best so far by more than this
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False  # evaluate, checkpoint and log an exponential moving average of the weights
+    decay: float = 0.999  # per optimiser step
+    start_epoch: int = 0  # before this epoch (0-based) the average follows the weights
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 10
     batch_size: int = 64
@@ -172,6 +197,10 @@ class TrainerConfig:
     # null | balanced: weight each class's training loss by n_samples / (n_classes * count of the class)
     # in the training split (scikit-learn's class_weight='balanced'); evaluation losses stay unweighted
     class_weight: Optional[str] = None
+    accumulate_grad_batches: int = 1  # optimiser step every k batches (the loss of each divided by k)
+    gradient_clip_val: Optional[float] = None  # clip the gradients' global L2 norm to this; null: off
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass

@@ -142,6 +142,9 @@ def _check_optimizer(o: Any, key: str) -> None:
            f"must be two values in [0, 1), got {list(o.betas)}")
     _check(0 <= o.rho < 1, f"{key}.rho", f"must be in [0, 1), got {o.rho}")
     _check(o.eps > 0, f"{key}.eps", f"must be > 0, got {o.eps}")
+    if o.lr_base_size is not None:
+        _check(o.lr_base_size >= 1, f"{key}.lr_base_size", f"must be >= 1 (or null), got {o.lr_base_size}")
+    _one_of(o.lr_base_scale, ["linear", "sqrt"], f"{key}.lr_base_scale", "lr scaling")
 
 
 def _check_scheduler(s: Any, o: Any, key: str) -> None:
@@ -154,6 +157,12 @@ def _check_scheduler(s: Any, o: Any, key: str) -> None:
     _check(0 < s.pct_start < 1, f"{key}.pct_start", f"must be in (0, 1), got {s.pct_start}")
     _check(0 < s.factor < 1, f"{key}.factor", f"must be in (0, 1), got {s.factor}")
     _check(s.patience >= 0, f"{key}.patience", f"must be >= 0, got {s.patience}")
+    _check(s.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {s.warmup_epochs}")
+    _check(s.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+    _check(not (s.warmup_epochs and s.warmup_steps), f"{key}.warmup_steps",
+           f"give warm-up in epochs or in steps, not both ({key}.warmup_epochs={s.warmup_epochs})")
+    _check(0 <= s.warmup_start_factor <= 1, f"{key}.warmup_start_factor",
+           f"must be in [0, 1], got {s.warmup_start_factor}")
     for name in ("start", "end"):
         value = getattr(s.momentum, name)
         _check(0 <= value < 1, f"{key}.momentum.{name}", f"must be in [0, 1), got {value}")
@@ -299,6 +308,18 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.aux_loss_weight >= 0, "trainer.aux_loss_weight", f"must be >= 0, got {t.aux_loss_weight}")
     if t.num_threads is not None:
         _check(t.num_threads >= 1, "trainer.num_threads", f"must be >= 1, got {t.num_threads}")
+    _check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
+           f"must be >= 1, got {t.accumulate_grad_batches}")
+    if t.gradient_clip_val is not None:
+        _check(t.gradient_clip_val > 0, "trainer.gradient_clip_val", f"must be > 0 (or null), got {t.gradient_clip_val}")
+    es = t.early_stopping
+    if es.monitor is not None:
+        _one_of(es.monitor, ["val_acc", "val_loss"], "trainer.early_stopping.monitor", "monitor")
+    _check(es.patience >= 1, "trainer.early_stopping.patience", f"must be >= 1, got {es.patience}")
+    _check(es.min_delta >= 0, "trainer.early_stopping.min_delta", f"must be >= 0, got {es.min_delta}")
+    _check(0 < t.ema.decay < 1, "trainer.ema.decay", f"must be in (0, 1), got {t.ema.decay}")
+    _check(0 <= t.ema.start_epoch < t.epochs, "trainer.ema.start_epoch",
+           f"must be in [0, trainer.epochs={t.epochs}), got {t.ema.start_epoch}")
     if t.memory_budget_mb is not None:
         _check(t.memory_budget_mb > 0, "trainer.memory_budget_mb", f"must be > 0 (MB), got {t.memory_budget_mb}")
     _check(t.class_weight is None or t.class_weight in CLASS_WEIGHTS, "trainer.class_weight",

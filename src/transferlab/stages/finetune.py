@@ -26,6 +26,7 @@ from transferlab.models.weights import read_weights_file, read_weights_meta
 from transferlab.training.augment import augment_warnings
 from transferlab.training.build import Training, build_training
 from transferlab.training.loop import Batches, FitResult
+from transferlab.training.optim import scaled_lr
 from transferlab.training.param_groups import describe_groups
 from transferlab.training.runtime import configure_threads, resolve_device, seed_everything
 
@@ -118,6 +119,8 @@ def _log_result(tracker: "Tracker", cfg: ExperimentConfig, result: FitResult, se
     best = result.history[result.best_epoch]
     summary = {"best_epoch": result.best_epoch + 1, f"best_{cfg.trainer.monitor}": result.best_value,
                "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"]}
+    if result.stopped_epoch is not None:  # early stopping ended the run after this epoch
+        summary["stopped_epoch"] = result.stopped_epoch + 1
     # Wall time is a run metric only: in the DVC metric file it would change dvc.lock on every rerun.
     tracker.log_metrics({**{k: float(v) for k, v in summary.items()}, "train_seconds": seconds})
     _write_history(result, Path(cfg.paths.plots) / "history.csv")
@@ -146,6 +149,8 @@ def _log_setup(tracker: "Tracker", t: Training, data: PreparedData, weights_meta
                         "data.train_size": len(data.splits["train"]), "device": str(t.device),
                         "model.input_size": t.spec.input_size, "model.resize": t.spec.resize,
                         "data.placement": _placement(t),
+                        "optimizer.scaled_lr": scaled_lr(cfg.optimizer, cfg.trainer.batch_size
+                                                         * cfg.trainer.accumulate_grad_batches),
                         "freeze.frozen_layers": str(list(t.plan.layers))})
     tracker.log_dict(container, "config/config.yaml")
     tracker.log_dict(weights_meta, "config/weights.json")

@@ -8,13 +8,16 @@ optimiser, the schedule and the loop's settings. ``pretrain`` (the source task),
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from transferlab.config.schema import AugmentConfig, ExperimentConfig, HeadConfig, RegularisationConfig
+from transferlab.config.schema import (
+    AugmentConfig, ExperimentConfig, HeadConfig, RegularisationConfig, TrainerConfig,
+)
 from transferlab.data import PreparedData
 from transferlab.models.assemble import FineTuneModel, ModelSpec, build_model
 from transferlab.models.backbones import Backbone
@@ -24,9 +27,11 @@ from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_
 from transferlab.training.batches import (
     Batches, StreamedBatches, memory_budget, place_splits, split_bytes,
 )
-from transferlab.training.loop import FitResult, EpochCallback, Hook, TrainSettings, fit, steps_per_epoch
+from transferlab.training.loop import (
+    EarlyStopping, EpochCallback, FitResult, Hook, TrainSettings, fit, steps_per_epoch,
+)
 from transferlab.training.maxnorm import max_norm_weights
-from transferlab.training.optim import Schedule, create_optimizer
+from transferlab.training.optim import Schedule, create_optimizer, scaled_lr
 from transferlab.training.param_groups import param_groups
 
 
@@ -85,18 +90,19 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
     plan = plan_freeze(model, backbone, first_n=f.first_n, patterns=list(f.patterns), whole_backbone=f.backbone,
                        method=f.method)
     apply_freeze(model, plan)
-    o = cfg.optimizer
-    groups = param_groups(model, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay,
+    o, t = cfg.optimizer, cfg.trainer
+    groups = param_groups(model, lr=scaled_lr(o, t.batch_size * t.accumulate_grad_batches),
+                          backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay,
                           zero_lr=plan.frozen if plan.method == "zero_lr" else frozenset(),
                           exclude=plan.frozen if plan.method == "requires_grad" else frozenset())
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(groups, cfg.optimizer)
-    t = cfg.trainer
-    steps = steps_per_epoch(len(data.splits["train"]), t.batch_size)
-    schedule = Schedule(optimizer, cfg.scheduler, epochs=t.epochs, steps_per_epoch=steps)
-    mn = cfg.regularisation.max_norm
+    batches = steps_per_epoch(len(data.splits["train"]), t.batch_size)
+    schedule = Schedule(optimizer, cfg.scheduler, epochs=t.epochs,
+                        steps_per_epoch=math.ceil(batches / t.accumulate_grad_batches))  # optimiser steps
+    mn, es = cfg.regularisation.max_norm, t.early_stopping
     settings = TrainSettings(
         epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, monitor=t.monitor,
         label_smoothing=cfg.regularisation.label_smoothing, aux_loss_weight=t.aux_loss_weight,
@@ -106,7 +112,11 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
         head_only_epochs=f.head_only_epochs, amp=t.amp, channels_last=t.channels_last, compile=t.compile,
         progress=t.progress, seed=cfg.seed, checkpoint=checkpoint,
         augment=create_augment(cfg.augment, size=spec.input_size, num_classes=spec.num_classes),
-        class_weight=class_weights(data.splits["train"].labels.to(device), spec.num_classes, t.class_weight))
+        class_weight=class_weights(data.splits["train"].labels.to(device), spec.num_classes, t.class_weight),
+        accumulate=t.accumulate_grad_batches, clip_norm=t.gradient_clip_val,
+        early_stopping=EarlyStopping(monitor=es.monitor or t.monitor, patience=es.patience,
+                                     min_delta=es.min_delta) if es.enabled else None,
+        ema_decay=t.ema.decay if t.ema.enabled else None, ema_start_epoch=t.ema.start_epoch)
     return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device, placement)
 
 
@@ -122,10 +132,13 @@ def plan_placement(cfg: ExperimentConfig, data: PreparedData, device: torch.devi
 
 def source_task_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The source task's experiment: the same backbone with a plain linear head, the schema's default
-    regularisation (input dropout only: no freezing, no max-norm) and no augmentation, trained with
-    ``pretrain``'s own recipe (optimizer, scheduler, epochs, batch size); the trainer's device
-    settings (amp, channels-last, compile) carry over."""
+    regularisation (input dropout only: no freezing, no max-norm), no augmentation, no class weights,
+    accumulation, clipping, early stopping or EMA, trained with ``pretrain``'s own recipe (optimizer,
+    scheduler, epochs, batch size); the trainer's device settings (amp, channels-last, compile) carry over."""
     p = cfg.pretrain
+    plain = TrainerConfig()  # the fine-tuning controls (accumulation, clipping, EMA, ...) stay with finetune
+    trainer = replace(cfg.trainer, epochs=p.epochs, batch_size=p.batch_size, monitor="val_acc",
+                      class_weight=None, accumulate_grad_batches=1, gradient_clip_val=None,
+                      early_stopping=plain.early_stopping, ema=plain.ema)
     return replace(cfg, head=HeadConfig(name="linear"), regularisation=RegularisationConfig(),
-                   optimizer=p.optimizer, scheduler=p.scheduler, augment=AugmentConfig(name="none"),
-                   trainer=replace(cfg.trainer, epochs=p.epochs, batch_size=p.batch_size, monitor="val_acc"))
+                   optimizer=p.optimizer, scheduler=p.scheduler, augment=AugmentConfig(name="none"), trainer=trainer)

@@ -10,6 +10,7 @@ sync.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -52,7 +53,34 @@ class TrainSettings:
     seed: int = 0
     augment: Augment | None = None  # applied to each training batch (uint8, on the device)
     class_weight: torch.Tensor | None = None  # per-class weights of the training loss (on the device)
+    accumulate: int = 1  # batches per optimiser step
+    clip_norm: float | None = None  # clip the gradients' global L2 norm
+    early_stopping: EarlyStopping | None = None
+    ema_decay: float | None = None  # evaluate and keep an exponential moving average of the weights
+    ema_start_epoch: int = 0
     checkpoint: Path | None = None  # the best state dict goes here
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when ``monitor`` has not beaten its best by more than ``min_delta`` for ``patience``
+    epochs (Keras' and Lightning's EarlyStopping); the best checkpoint is restored either way."""
+
+    monitor: str = "val_acc"
+    patience: int = 5
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.maximise = self.monitor.endswith("acc")
+        self.best, self.waited = (-math.inf if self.maximise else math.inf), 0
+
+    def should_stop(self, value: float) -> bool:
+        improved = value > self.best + self.min_delta if self.maximise else value < self.best - self.min_delta
+        if improved:
+            self.best, self.waited = value, 0
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
 
 
 @dataclass
@@ -60,6 +88,7 @@ class FitResult:
     history: list[dict[str, float]]
     best_epoch: int
     best_value: float
+    stopped_epoch: int | None = None  # the last epoch (0-based) when early stopping ended the run
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -172,6 +201,35 @@ class MaxNormHook(Hook):
         return {"max_unit_norm": self.largest} if self.weights else {}
 
 
+class EmaHook(Hook):
+    """An exponential moving average of the weights and float buffers, updated after every optimiser
+    step; before ``start_epoch`` it follows the weights. Hand-written on ``torch._foreach_lerp_`` (as
+    timm's ModelEmaV3): ``torch.optim.swa_utils.AveragedModel.update_parameters`` reads its device
+    counter on the host at every update, a sync per step."""
+
+    def __init__(self, model: nn.Module, decay: float, start_epoch: int) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.start_epoch, self.averaging = decay, start_epoch, start_epoch <= 0
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]))
+        self.floats = ([e for e, _ in pairs if e.is_floating_point()], [m for e, m in pairs if e.is_floating_point()])
+        self.others = ([e for e, _ in pairs if not e.is_floating_point()],
+                       [m for e, m in pairs if not e.is_floating_point()])
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.averaging = epoch >= self.start_epoch
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.averaging:
+            torch._foreach_lerp_(self.floats[0], self.floats[1], 1.0 - self.decay)
+        else:
+            torch._foreach_copy_(self.floats[0], self.floats[1])
+        if self.others[0]:
+            torch._foreach_copy_(self.others[0], self.others[1])
+
+
 def standard_hooks(model: nn.Module, s: TrainSettings, device: torch.device) -> list[Hook]:
     """The hooks that ``settings`` asks for, in the order they run."""
     hooks: list[Hook] = []
@@ -180,6 +238,8 @@ def standard_hooks(model: nn.Module, s: TrainSettings, device: torch.device) -> 
     if s.max_norm is not None:
         frozen_ids = {id(p) for name, p in model.named_parameters() if name in s.frozen}
         hooks.append(MaxNormHook(s.max_norm_weights, s.max_norm, frozen_ids=frozen_ids, device=device))
+    if s.ema_decay is not None:  # last: it averages the constrained weights
+        hooks.append(EmaHook(model, s.ema_decay, s.ema_start_epoch))
     return hooks
 
 
@@ -191,8 +251,11 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
     device = data.device
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), device=device, dtype=torch.long)
+    largest_grad = torch.zeros((), device=device)
     seen = 0
-    for x, y in data.train_batches(order, s.batch_size, steps_per_epoch(len(data), s.batch_size)):
+    steps = steps_per_epoch(len(data), s.batch_size)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for step, (x, y) in enumerate(data.train_batches(order, s.batch_size, steps)):
         for hook in hooks:
             x, y = hook.on_batch(x, y)
         if s.channels_last:
@@ -203,17 +266,26 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
             loss = head.loss(logits, y, s.label_smoothing, weight=s.class_weight)
             if aux is not None:
                 loss = loss + s.aux_loss_weight * head.loss(aux.float(), y, s.label_smoothing, weight=s.class_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step_batch()
-        for hook in hooks:
-            hook.after_step()
+        if step % s.accumulate == 0:
+            optimizer.zero_grad(set_to_none=True)
+        # Accumulation: each batch's loss counts 1/k of the step's (the last step of an epoch may have fewer).
+        (loss / s.accumulate if s.accumulate > 1 else loss).backward()
+        if (step + 1) % s.accumulate == 0 or step + 1 == steps:
+            if s.clip_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.clip_norm,
+                                                      foreach=True)
+                largest_grad = torch.maximum(largest_grad, norm.detach())
+            optimizer.step()
+            schedule.step_batch()
+            for hook in hooks:
+                hook.after_step()
         loss_sum += loss.detach() * y.shape[0]
         hits += head.hits(logits.detach(), y)  # soft (mixed) targets count against their dominant class
         seen += y.shape[0]
         progress.update(1)
     metrics = {"train_loss": loss_sum / seen, "train_acc": hits.double() / seen}
+    if s.clip_norm is not None:
+        metrics["grad_norm"] = largest_grad  # the largest before clipping
     for hook in hooks:
         metrics.update(hook.epoch_metrics())
     return metrics
@@ -234,6 +306,10 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
     forward = torch.compile(model) if s.compile else model
     generator = torch.Generator().manual_seed(s.seed)  # the batch order
     all_hooks = [*standard_hooks(model, s, device), *(hooks or [])]
+    ema = next((h for h in all_hooks if isinstance(h, EmaHook)), None)
+    scored = ema.module if ema is not None else model  # what is evaluated and checkpointed
+    stopper = copy.copy(s.early_stopping)  # fresh counters for this run
+    stopped_epoch = None
     maximise = s.monitor.endswith("acc")
     best_value, best_epoch = -math.inf if maximise else math.inf, -1
     best_state: dict[str, torch.Tensor] | None = None
@@ -260,7 +336,7 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
             order = torch.randperm(len(train), generator=generator)
             trained = train_one_epoch(model, head, forward, train, optimizer, schedule, s, order=order,
                                       hooks=all_hooks, progress=progress)
-            val_loss, val_acc = evaluate(model, head, val, batch_size=s.eval_batch_size, amp=s.amp,
+            val_loss, val_acc = evaluate(scored, head, val, batch_size=s.eval_batch_size, amp=s.amp,
                                          channels_last=s.channels_last)
             # The epoch's one host sync.
             metrics = {"train_loss": trained.pop("train_loss").item(), "train_acc": trained.pop("train_acc").item(),
@@ -281,7 +357,7 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
             value = metrics[s.monitor]
             if (value > best_value) if maximise else (value < best_value):
                 best_value, best_epoch = value, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
                 if s.checkpoint is not None:
                     save_atomic(best_state, s.checkpoint)
             metrics["best_" + s.monitor] = best_value
@@ -290,11 +366,17 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
             schedule.step_epoch(epoch, metrics["val_loss"])
+            if stopper is not None and stopper.should_stop(metrics[stopper.monitor]) and epoch + 1 < s.epochs:
+                stopped_epoch = epoch
+                log.warning("%s: early stopping after epoch %d: %s has not improved by more than %g for %d "
+                            "epochs; restoring epoch %d", desc, epoch + 1, stopper.monitor, stopper.min_delta,
+                            stopper.patience, best_epoch + 1)
+                break
     finally:
         progress.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    return FitResult(history, best_epoch, best_value)
+    return FitResult(history, best_epoch, best_value, stopped_epoch)
 
 
 class _NoProgress:

@@ -54,9 +54,22 @@ def create_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torc
     return OPTIMIZERS[cfg.name].build(groups, cfg)
 
 
+def scaled_lr(cfg: OptimizerConfig, effective_batch: int) -> float:
+    """``optimizer.lr``, or with ``lr_base_size`` set, timm's rule: the lr given for a batch of
+    ``lr_base_size`` scaled to ``effective_batch`` linearly (``lr_base_scale=linear``) or by its sqrt."""
+    if cfg.lr_base_size is None:
+        return cfg.lr
+    ratio = effective_batch / cfg.lr_base_size
+    return cfg.lr * (math.sqrt(ratio) if cfg.lr_base_scale == "sqrt" else ratio)
+
+
 class Schedule:
-    """Steps the learning rate (per batch for one-cycle, else per epoch)
-    and, optionally, a linear momentum ramp per epoch."""
+    """Steps the learning rate (per batch for one-cycle, else per epoch), after an optional linear
+    warm-up per optimiser step, and, optionally, a linear momentum ramp per epoch.
+
+    Warm-up multiplies whatever the schedule sets by ``warmup_start_factor + (1 - warmup_start_factor)
+    * i / T`` at optimiser step ``i`` (0-based) of the first ``T``; the schedule itself runs unchanged
+    underneath (as timm's warm-up does, the schedule's clock is not shifted)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, *, epochs: int,
                  steps_per_epoch: int) -> None:
@@ -65,18 +78,41 @@ class Schedule:
         self.per_batch = bool(entry.info.get("per_batch"))
         self.plateau = bool(entry.info.get("on_val_loss"))
         self.inner: Any = entry.build(optimizer, cfg, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self.warmup = cfg.warmup_steps or cfg.warmup_epochs * steps_per_epoch
+        self.steps = 0
+        self.scheduled = [g["lr"] for g in optimizer.param_groups]  # what the schedule set, before warm-up
+        self._warm()
         self.set_momentum(0)
 
+    def _warm(self) -> None:
+        if not self.warmup:
+            return
+        done = min(self.steps, self.warmup) / self.warmup
+        factor = self.cfg.warmup_start_factor + (1 - self.cfg.warmup_start_factor) * done
+        for group, lr in zip(self.optimizer.param_groups, self.scheduled):
+            group["lr"] = lr * factor
+
+    def _step_inner(self, *args: float) -> None:
+        if self.warmup:  # the schedule steps from its own value, not the warmed one
+            for group, lr in zip(self.optimizer.param_groups, self.scheduled):
+                group["lr"] = lr
+        self.inner.step(*args)
+        self.scheduled = [g["lr"] for g in self.optimizer.param_groups]
+
     def step_batch(self) -> None:
+        """Call after each optimiser step."""
+        self.steps += 1
         if self.per_batch:
-            self.inner.step()
+            self._step_inner()
+        self._warm()
 
     def step_epoch(self, epoch: int, val_loss: float) -> None:
         """Call after epoch ``epoch`` (0-based) with its validation loss."""
         if self.plateau:
-            self.inner.step(val_loss)
+            self._step_inner(val_loss)
         elif self.inner is not None and not self.per_batch:
-            self.inner.step()
+            self._step_inner()
+        self._warm()
         self.set_momentum(epoch + 1)
 
     def set_momentum(self, epoch: int) -> None:
