@@ -28,6 +28,7 @@ from transferlab.training.build import Training, build_training
 from transferlab.training.loop import Batches, FitResult
 from transferlab.training.optim import scaled_lr
 from transferlab.training.param_groups import describe_groups
+from transferlab.training.resume import LastCheckpoint
 from transferlab.training.runtime import configure_threads, resolve_device, seed_everything
 
 if TYPE_CHECKING:
@@ -81,28 +82,44 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
     print(describe_groups(t.groups))
     print(f"finetune: data {_placement(t)} (trainer.memory_budget_mb)")
 
+    weights_hash = _file_hash(cfg.paths.weights)
     run_tags = {"stage": "finetune", "backbone": cfg.backbone.name, "head": cfg.head.name,
-                **lineage_tags(data_hash=data.meta.get("data_hash"), weights_hash=_file_hash(cfg.paths.weights)),
-                **(tags or {})}
+                **lineage_tags(data_hash=data.meta.get("data_hash"), weights_hash=weights_hash), **(tags or {})}
+    # An interrupted run of this very setting continues, in its own MLflow run.
+    last = LastCheckpoint(cfg.paths.model, {"config": to_container(cfg), "data": data.meta.get("data_hash"),
+                                            "weights": weights_hash})
+    previous = last.load()
     with open_run(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
-                  tags=run_tags) as tracker:
-        _log_setup(tracker, t, data, weights_meta)
-        result, seconds = _train(tracker, t, train, val)
+                  run_id=previous["extra"]["run_id"] if previous else None, tags=run_tags) as tracker:
+        logged = tracker.logged_steps("val_acc") if previous else set()
+        if previous is None:
+            _log_setup(tracker, t, data, weights_meta)
+        else:  # epochs the interrupted process finished but had not logged yet
+            for epoch, metrics in enumerate(previous["history"]):
+                if epoch + 1 not in logged:
+                    tracker.log_metrics(metrics, step=epoch + 1)
+                    logged.add(epoch + 1)
+        result, seconds = _train(tracker, t, train, val, last, logged)
         _log_result(tracker, cfg, result, seconds)
+    last.remove()
     print(f"finetune: best {cfg.trainer.monitor}={result.best_value:.4f} at epoch {result.best_epoch + 1}; "
           f"MLflow run {tracker.run_id}")
     return tracker.run_id, result
 
 
-def _train(tracker: "Tracker", t: Training, train: Batches, val: Batches) -> tuple[FitResult, float]:
-    """Fit, logging every epoch; an interrupted or failed run still logs its best checkpoint so far."""
+def _train(tracker: "Tracker", t: Training, train: Batches, val: Batches, last: LastCheckpoint,
+           logged: set[int]) -> tuple[FitResult, float]:
+    """Fit, logging every epoch not logged already (by an interrupted process of this run), saving the
+    last checkpoint after each; an interrupted or failed run still logs its best checkpoint so far."""
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-        tracker.log_metrics(metrics, step=epoch + 1)
+        if epoch + 1 not in logged:
+            tracker.log_metrics(metrics, step=epoch + 1)
 
     best = Path(t.cfg.paths.model) / BEST
     started = time.perf_counter()
     try:
-        result = t.fit(train, val, on_epoch_end=on_epoch_end, desc="finetune")
+        result = t.fit(train, val, on_epoch_end=on_epoch_end, desc="finetune", last=last,
+                       extra={"run_id": tracker.run_id})
     except BaseException:
         if best.is_file():
             tracker.log_artifact(best, artifact_path="checkpoint")

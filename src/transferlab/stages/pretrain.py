@@ -20,15 +20,20 @@ from transferlab.models.assemble import build_backbone, resolve_input_size
 from transferlab.models.weights import (
     kind_of, load_backbone_state, read_weights_file, save_weights, torchvision_state_dict,
 )
+from transferlab.config.params import to_container
 from transferlab.training.build import build_training, source_task_config
+from transferlab.training.resume import LastCheckpoint
 from transferlab.training.runtime import configure_threads, resolve_device, seed_everything
 
 
 def train_source_task(cfg: ExperimentConfig, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """Train backbone + linear head on the source classes with ``pretrain``'s recipe; keep the backbone."""
     data = load_prepared(Path(cfg.paths.prepared) / "source")
-    t = build_training(source_task_config(cfg), data, device=device)
-    result = t.fit(t.batches(data, "train"), t.batches(data, "val"), desc="pretrain (source task)")
+    source = source_task_config(cfg)
+    t = build_training(source, data, device=device)
+    # An interrupted source task of this very setting continues; run() removes it once the weights are out.
+    last = LastCheckpoint(cfg.paths.weights, {"config": to_container(source), "data": data.meta.get("data_hash")})
+    result = t.fit(t.batches(data, "train"), t.batches(data, "val"), desc="pretrain (source task)", last=last)
     meta = {"mean": t.spec.mean, "std": t.spec.std, "input_size": t.spec.input_size,
             "source_task": {"classes": data.class_names, "epochs": t.settings.epochs,
                             "val_acc": result.history[result.best_epoch]["val_acc"],
@@ -72,6 +77,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
                 print(f"pretrain: {label} keys: {keys[:10]}{' ...' if len(keys) > 10 else ''}")
     meta["input_size"] = cfg.backbone.input_size
     save_weights(cfg.paths.weights, backbone, meta)
+    LastCheckpoint(cfg.paths.weights, None).remove()  # the source task's, if it ran (keyed by the output)
     print(f"pretrain: wrote {cfg.paths.weights} ({kind}, input size {cfg.backbone.input_size} px)")
     return meta
 

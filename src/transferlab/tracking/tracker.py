@@ -275,6 +275,22 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric ``key`` was logged to this run, by this process or an earlier one of
+        the same run (sent to the store, or still in the spool after a SIGKILL)."""
+        steps: set[int] = set()
+        records = self.folder / RECORDS
+        if records.is_file():
+            for line in records.read_text().splitlines():
+                record = json.loads(line)
+                if record["op"] == "metrics" and key in record["metrics"]:
+                    steps.add(int(record["step"]))
+        if reachable(self.uri):
+            from mlflow import MlflowClient
+
+            steps |= {m.step for m in MlflowClient(self.uri).get_metric_history(self.run_id, key)}
+        return steps
+
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         self._put({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": int(step),
                    "timestamp": _now_ms()})

@@ -32,6 +32,7 @@ from transferlab.training.loop import (
 )
 from transferlab.training.maxnorm import max_norm_weights
 from transferlab.training.optim import Schedule, create_optimizer, scaled_lr
+from transferlab.training.resume import LastCheckpoint
 from transferlab.training.param_groups import param_groups
 
 
@@ -59,10 +60,16 @@ class Training:
         return Batches(images, s.labels.to(self.device))
 
     def fit(self, train: Batches | StreamedBatches, val: Batches | StreamedBatches, *,
-            on_epoch_end: EpochCallback | None = None,
-            desc: str = "train", hooks: list[Hook] | None = None) -> FitResult:
+            on_epoch_end: EpochCallback | None = None, desc: str = "train", hooks: list[Hook] | None = None,
+            last: LastCheckpoint | None = None, extra: dict[str, Any] | None = None) -> FitResult:
+        """Fit; with ``last``, save it after every epoch (with the caller's ``extra``) and continue
+        from it when it holds an interrupted fit of this setting."""
+        resume = last.load() if last is not None else None
+        if resume is not None:
+            print(f"{desc}: resuming after epoch {resume['epoch'] + 1} from {last.path}")  # type: ignore[union-attr]
+        save = (lambda state: last.save({**state, "extra": extra or {}})) if last is not None else None
         return fit(self.model, self.model.head, train, val, self.optimizer, self.schedule, self.settings,
-                   on_epoch_end=on_epoch_end, desc=desc, hooks=hooks)
+                   on_epoch_end=on_epoch_end, desc=desc, hooks=hooks, resume=resume, save_last=save)
 
 
 def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.device | str = "cpu",

@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from transferlab.training.batches import Batches, StreamedBatches
 from transferlab.training.freezing import set_backbone_trainable, set_train_mode
 from transferlab.training.maxnorm import apply_max_norm
 from transferlab.training.optim import Schedule
+from transferlab.training.resume import rng_state, set_rng_state
 from transferlab.training.runtime import share_threads
 
 log = logging.getLogger(__name__)
@@ -293,13 +294,17 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
 
 def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.optim.Optimizer,
         schedule: Schedule, settings: TrainSettings, *, on_epoch_end: EpochCallback | None = None,
-        desc: str = "train", hooks: list[Hook] | None = None) -> FitResult:
+        desc: str = "train", hooks: list[Hook] | None = None, resume: dict[str, Any] | None = None,
+        save_last: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
     """Train ``model``; return per-epoch metrics and the best epoch.
 
     Each epoch is :func:`train_one_epoch` then :func:`evaluate` on ``val``, with the
-    ``settings``' hooks (augmentation, max-norm) plus ``hooks``. The best state dict
+    ``settings``' hooks (augmentation, max-norm, EMA) plus ``hooks``. The best state dict
     (by ``settings.monitor``) is written to ``settings.checkpoint`` as soon as it is
     reached, and loaded back into ``model`` at the end.
+
+    ``save_last`` gets, after every epoch, the whole state (:mod:`transferlab.training.resume`);
+    given back as ``resume``, the fit continues after that epoch exactly as if never stopped.
     """
     s = settings
     device = train.device
@@ -316,11 +321,31 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
     history: list[dict[str, float]] = []
     progress = _progress(total=s.epochs * steps_per_epoch(len(train), s.batch_size), desc=desc,
                          enabled=s.progress, epochs=s.epochs)
+    augment = next((h for h in all_hooks if isinstance(h, AugmentHook)), None)
+    start = 0
+    if resume is not None:
+        start = resume["epoch"] + 1
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        if ema is not None:
+            ema.module.load_state_dict(resume["ema"])
+        generator.set_state(resume["rng"]["order"])
+        if augment is not None:
+            augment.generator.set_state(resume["rng"]["augment"])
+        set_rng_state(resume["rng"]["global"])
+        best_value, best_epoch, best_state = resume["best_value"], resume["best_epoch"], resume["best_state"]
+        history = list(resume["history"])
+        if stopper is not None:
+            stopper.best, stopper.waited = resume["stopper"]
+        if s.checkpoint is not None and best_state is not None:
+            save_atomic(best_state, s.checkpoint)  # an output folder emptied since (DVC) gets it back
+        progress.update(start * steps_per_epoch(len(train), s.batch_size))
     staged = s.head_only_epochs > 0
     if staged:
-        set_backbone_trainable(model, False, keep_frozen=s.frozen)
+        set_backbone_trainable(model, start >= s.head_only_epochs, keep_frozen=s.frozen)
     try:
-        for epoch in range(s.epochs):
+        for epoch in range(start, s.epochs):
             share_threads()
             if staged and epoch == s.head_only_epochs:
                 set_backbone_trainable(model, True, keep_frozen=s.frozen)
@@ -366,7 +391,16 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
             schedule.step_epoch(epoch, metrics["val_loss"])
-            if stopper is not None and stopper.should_stop(metrics[stopper.monitor]) and epoch + 1 < s.epochs:
+            stop = stopper is not None and stopper.should_stop(metrics[stopper.monitor]) and epoch + 1 < s.epochs
+            if save_last is not None and not stop and epoch + 1 < s.epochs:
+                save_last({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "schedule": schedule.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                           "rng": {"order": generator.get_state(), "global": rng_state(),
+                                   "augment": augment.generator.get_state() if augment else None},
+                           "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state,
+                           "history": history, "stopper": (stopper.best, stopper.waited) if stopper else None})
+            if stop:
+                assert stopper is not None
                 stopped_epoch = epoch
                 log.warning("%s: early stopping after epoch %d: %s has not improved by more than %g for %d "
                             "epochs; restoring epoch %d", desc, epoch + 1, stopper.monitor, stopper.min_delta,

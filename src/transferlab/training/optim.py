@@ -115,6 +115,15 @@ class Schedule:
         self._warm()
         self.set_momentum(epoch + 1)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict() if self.inner is not None else None, "steps": self.steps,
+                "scheduled": list(self.scheduled)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.inner is not None:
+            self.inner.load_state_dict(state["inner"])
+        self.steps, self.scheduled = state["steps"], list(state["scheduled"])
+
     def set_momentum(self, epoch: int) -> None:
         m = self.cfg.momentum
         if not m.enabled:
