@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(300)
 
 # The smallest whole pipeline: random init (no source task, so none is prepared), no picture, no logged model.
 TINY = ["trainer.progress=false", "tracking.log_graph=false", "tracking.log_model=false",
-        "backbone.weights=null", "pretrain.classes=null", "pretrain.epochs=1"]
+        "backbone.weights=null", "pretrain.classes=null", "pretrain.epochs=1", "backbone.width=8"]
 SPOOL_HINT = re.compile(r"python -m transferlab\.tracking replay (\S+)")
 
 
@@ -377,8 +377,9 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def _killed_mid_run(server: _Server, work: Path, epochs: int) -> subprocess.Popen:
-    """Start a run against ``server``, SIGKILL the server after its first epoch."""
-    proc = _start(work, *TINY, f"trainer.epochs={epochs}", f"tracking.uri={server.url}")
+    """Start a run against ``server``, SIGKILL the server after its first epoch. The default width keeps the
+    epochs long enough that training is still going when the server dies (and, restarted, comes back)."""
+    proc = _start(work, *TINY, "backbone.width=32", f"trainer.epochs={epochs}", f"tracking.uri={server.url}")
     _wait_for("a logged epoch", lambda: _epochs_logged(server.store) >= 1, proc, every=0.1)
     server.kill()
     return proc
