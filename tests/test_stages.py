@@ -12,8 +12,8 @@ import torch
 
 from conftest import REPO
 
-TINY = ["trainer.epochs=2", "pretrain.epochs=1", "backbone.width=8", "trainer.progress=false",
-        "tracking.log_model=false", "tracking.log_graph=false"]
+TINY = ["trainer.epochs=2", "pretrain.epochs=1", "trainer.progress=false", "tracking.log_model=false",
+        "tracking.log_graph=false"]
 
 
 def _cfg(tmp_path: Path, *overrides: str, name: str = "out"):
