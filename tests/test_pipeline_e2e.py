@@ -118,7 +118,7 @@ def test_dvc_repro_then_up_to_date(project: Path) -> None:
 
 def test_hydra_multirun_sweep(project: Path) -> None:
     proc = run(["python", "-m", "transferlab", "-m", "regularisation.dropout.hidden=0.1,0.3,0.5",
-                "trainer.epochs=3", "pretrain.epochs=2", "trainer.progress=false"], project)
+                "trainer.epochs=3", "pretrain.epochs=2", "backbone.width=8", "trainer.progress=false"], project)
     everything = _runs(project)
     (parent,) = [r for r in everything if r.data.tags.get("stage") == "sweep"]
     runs = [r for r in everything if r is not parent]
