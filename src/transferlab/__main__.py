@@ -140,8 +140,12 @@ def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
     out = Path(hc.runtime.output_dir)
     tags = {"launcher": "hydra", "overrides": " ".join(hc.overrides.task) or "(none)"}
     if hc.mode == RunMode.MULTIRUN:
-        from transferlab.tracking.sweep import parent_run_id
+        from transferlab.tracking.sweep import finished_job, parent_run_id, record_finished_job
 
+        done = finished_job(out, list(hc.overrides.task))
+        if done is not None:
+            print(f"sweep job {hc.job.num}: finished earlier (MLflow run {done['run_id']}); skipped")
+            return done
         sweep = Path(hc.sweep.dir).name
         tags.update({"sweep": sweep, "sweep_dir": str(hc.sweep.dir), "sweep_job": str(hc.job.num)})
         parent = parent_run_id(hc.sweep.dir)
@@ -150,7 +154,10 @@ def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
         if exp.tracking.run_name is None:
             exp.tracking.run_name = f"sweep-{sweep}-{hc.job.num}"
     exp = with_output_dir(exp, out)
-    return run_pipeline(exp, tags=tags)
+    result = run_pipeline(exp, tags=tags)
+    if hc.mode == RunMode.MULTIRUN:
+        record_finished_job(out, list(hc.overrides.task), result)
+    return result
 
 
 if __name__ == "__main__":

@@ -198,6 +198,9 @@ class TrainerConfig:
     # in the training split (scikit-learn's class_weight='balanced'); evaluation losses stay unweighted
     class_weight: Optional[str] = None
     accumulate_grad_batches: int = 1  # optimiser step every k batches (the loss of each divided by k)
+    # A training split too small for batch_size to give this many optimiser steps per epoch gets smaller
+    # batches (n // min_steps_per_epoch): large GPU batches on a few hundred images would leave 2-3 steps.
+    min_steps_per_epoch: Optional[int] = None
     gradient_clip_val: Optional[float] = None  # clip the gradients' global L2 norm to this; null: off
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)

@@ -310,6 +310,8 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(t.num_threads >= 1, "trainer.num_threads", f"must be >= 1, got {t.num_threads}")
     _check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
            f"must be >= 1, got {t.accumulate_grad_batches}")
+    if t.min_steps_per_epoch is not None:
+        _check(t.min_steps_per_epoch >= 1, "trainer.min_steps_per_epoch", f"must be >= 1, got {t.min_steps_per_epoch}")
     if t.gradient_clip_val is not None:
         _check(t.gradient_clip_val > 0, "trainer.gradient_clip_val", f"must be > 0 (or null), got {t.gradient_clip_val}")
     es = t.early_stopping

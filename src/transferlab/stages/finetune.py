@@ -76,11 +76,15 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
     t = build_training(cfg, data, device=resolve_device(cfg.trainer.device), weights_meta=weights_meta,
                        backbone_state=read_weights_file(cfg.paths.weights), weights_source=cfg.paths.weights,
                        checkpoint=Path(cfg.paths.model) / BEST)
-    cfg = t.cfg
+    cfg_in, cfg = cfg, t.cfg
     save_spec(t.spec, cfg.paths.model)
     train, val = t.batches(data, "train"), t.batches(data, "val")
     print(describe_groups(t.groups))
     print(f"finetune: data {_placement(t)} (trainer.memory_budget_mb)")
+    if t.cfg.trainer.batch_size != cfg_in.trainer.batch_size:
+        print(f"finetune: batch size {t.cfg.trainer.batch_size}, not {cfg_in.trainer.batch_size}: "
+              f"{len(data.splits['train'])} training images, trainer.min_steps_per_epoch="
+              f"{cfg_in.trainer.min_steps_per_epoch}")
 
     weights_hash = _file_hash(cfg.paths.weights)
     run_tags = {"stage": "finetune", "backbone": cfg.backbone.name, "head": cfg.head.name,

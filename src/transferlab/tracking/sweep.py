@@ -4,7 +4,10 @@
 ``conf/config.yaml``). When a sweep starts it opens a parent run named after
 the sweep and leaves its id in ``<sweep dir>/mlflow_sweep.json``; each job's
 run carries ``mlflow.parentRunId``, so the MLflow UI shows the jobs nested
-under their sweep. When the sweep ends, the parent gets the number of jobs
+under their sweep. Run again with the same sweep folder (``hydra.sweep.dir``),
+an interrupted sweep reopens its parent run; each job that finished is
+skipped (:func:`finished_job`) and the interrupted one resumes from its last
+checkpoint. When the sweep ends, the parent gets the number of jobs
 and the best test accuracy, and is closed FINISHED; :func:`close_sweep` with
 the error that stopped a sweep closes it FAILED, or KILLED for Ctrl-C/SIGTERM.
 """
@@ -33,6 +36,14 @@ class SweepRuns(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         overrides = " ".join(config.hydra.overrides.task)
+        earlier = sweep_dir / SWEEP_FILE
+        if earlier.is_file():  # the same sweep folder again: an interrupted sweep goes on under its parent
+            info = json.loads(earlier.read_text())
+            parent = Tracker.resume(uri=info["tracking_uri"], run_id=info["run_id"])
+            print(f"sweep: resuming {sweep_dir} (MLflow parent run {parent.run_id}): finished jobs are skipped, "
+                  "an interrupted one continues")
+            _open.append(parent)
+            return
         parent = Tracker.start(uri=config.tracking.uri, experiment=config.tracking.experiment,
                                run_name=f"sweep-{sweep_dir.name}",
                                tags={"sweep": sweep_dir.name, "sweep_dir": str(sweep_dir), "overrides": overrides,
@@ -70,3 +81,22 @@ def close_sweep(error: BaseException | None = None) -> None:
                 summary["test_acc_of_best_val"] = best["test_acc"]
         parent.log_metrics(summary)
     parent.end(status_of(error))
+
+
+JOB_RESULT = "job_result.json"
+
+
+def finished_job(job_dir: str | Path, overrides: list[str]) -> dict[str, Any] | None:
+    """The result a job of these ``overrides`` left in ``job_dir`` when it finished, if it did."""
+    path = Path(job_dir) / JOB_RESULT
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return done["result"] if done.get("overrides") == list(overrides) else None
+
+
+def record_finished_job(job_dir: str | Path, overrides: list[str], result: dict[str, Any]) -> None:
+    path = Path(job_dir) / JOB_RESULT
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"overrides": list(overrides), "result": result}, indent=2))
+    tmp.replace(path)

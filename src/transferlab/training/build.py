@@ -85,6 +85,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
     from transferlab.models.weights import load_backbone_state
 
     device = torch.device(device)
+    cfg = replace(cfg, trainer=replace(cfg.trainer, batch_size=batch_size_for(cfg.trainer, len(data.splits["train"]))))
     placement = plan_placement(cfg, data, device)
     spec = ModelSpec.decide(cfg, class_names=data.class_names, data_channels=data.channels,
                             data_size=max(data.image_size), data_mean=data.mean, data_std=data.std,
@@ -125,6 +126,15 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
                                      min_delta=es.min_delta) if es.enabled else None,
         ema_decay=t.ema.decay if t.ema.enabled else None, ema_start_epoch=t.ema.start_epoch)
     return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device, placement)
+
+
+def batch_size_for(t: TrainerConfig, n_train: int) -> int:
+    """``trainer.batch_size``, smaller where ``trainer.min_steps_per_epoch`` asks for more optimiser steps
+    per epoch than it gives on ``n_train`` images."""
+    if t.min_steps_per_epoch is None:
+        return t.batch_size
+    steps = t.min_steps_per_epoch * t.accumulate_grad_batches
+    return max(1, min(t.batch_size, n_train // steps))
 
 
 def plan_placement(cfg: ExperimentConfig, data: PreparedData, device: torch.device) -> dict[str, str]:
