@@ -95,10 +95,10 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
     previous = last.load()
     with open_run(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
                   run_id=previous["extra"]["run_id"] if previous else None, tags=run_tags) as tracker:
+        # Again on a resumed run: the same values, and the model folder's table (DVC empties the folder).
+        _log_setup(tracker, t, data, weights_meta)
         logged = tracker.logged_steps("val_acc") if previous else set()
-        if previous is None:
-            _log_setup(tracker, t, data, weights_meta)
-        else:  # epochs the interrupted process finished but had not logged yet
+        if previous is not None:  # epochs the interrupted process finished but had not logged yet
             for epoch, metrics in enumerate(previous["history"]):
                 if epoch + 1 not in logged:
                     tracker.log_metrics(metrics, step=epoch + 1)
