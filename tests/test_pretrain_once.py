@@ -13,9 +13,11 @@ import pytest
 
 from conftest import REPO, subprocess_env
 
+# Progress stays on: outside a terminal it is one log line per epoch, which shows the source task training.
 TINY = ["trainer.epochs=1", "pretrain.epochs=1", "backbone.width=8", "tracking.log_graph=false",
-        "tracking.log_model=false", "trainer.progress=false"]
+        "tracking.log_model=false"]
 REUSE = "pretrain: reusing "
+TRAINED = "pretrain: wrote "
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -23,7 +25,7 @@ def _cfg(tmp_path: Path, *overrides: str):
     from transferlab.config import load_config
     from transferlab.pipeline import with_output_dir
 
-    cfg = load_config(compose([*TINY, f"paths.cache={tmp_path / 'cache'}", *overrides], config_dir=REPO / "conf"))
+    cfg = load_config(compose([*TINY, "trainer.progress=false", f"paths.cache={tmp_path / 'cache'}", *overrides], config_dir=REPO / "conf"))
     return with_output_dir(cfg, tmp_path / "out")
 
 
@@ -72,7 +74,7 @@ def test_weights_without_their_sidecar_are_not_reused(tmp_path: Path, capsys: py
     weights_meta_path(shared).unlink()
     pretrain_shared(second)
     out = capsys.readouterr().out
-    assert REUSE not in out and f"pretrain: wrote {shared}" in out
+    assert REUSE not in out and f"{TRAINED}{shared}" in out
     assert weights_meta_path(shared).is_file() and weights_meta_path(second.paths.weights).is_file()
 
 
@@ -92,6 +94,7 @@ def test_a_sweep_pretrains_once_per_pretraining_setting(tmp_path: Path) -> None:
     for epochs in (1, 2):
         for epoch in range(1, epochs + 1):
             assert log.count(f"pretrain (source task) epoch {epoch}/{epochs} train_loss=") == 1, log[-3000:]
+    assert log.count(TRAINED) == 2, log[-3000:]
     assert log.count(REUSE) == 4 and log.count("(same pretraining setting)") == 4, log[-3000:]
     assert len(list((tmp_path / "cache" / "weights").glob("*/backbone.safetensors"))) == 2
 
@@ -122,6 +125,7 @@ def test_runs_started_together_pretrain_once(tmp_path: Path) -> None:
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
     assert sum(out.count("pretrain (source task) epoch 1/1 train_loss=") for out in outputs) == 1, outputs
+    assert sum(out.count(TRAINED) for out in outputs) == 1, outputs
     assert sum(out.count(REUSE) for out in outputs) == 1, outputs
     runs = _runs(store)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
