@@ -25,7 +25,8 @@ def _cfg(tmp_path: Path, *overrides: str):
     from transferlab.config import load_config
     from transferlab.pipeline import with_output_dir
 
-    cfg = load_config(compose([*TINY, "trainer.progress=false", f"paths.cache={tmp_path / 'cache'}", *overrides], config_dir=REPO / "conf"))
+    overrides = [*TINY, "trainer.progress=false", f"paths.cache={tmp_path / 'cache'}", *overrides]
+    cfg = load_config(compose(overrides, config_dir=REPO / "conf"))
     return with_output_dir(cfg, tmp_path / "out")
 
 
@@ -85,8 +86,8 @@ def test_a_sweep_pretrains_once_per_pretraining_setting(tmp_path: Path) -> None:
     store = tmp_path / "mlflow.db"
     proc = subprocess.run(
         [sys.executable, "-m", "transferlab", "-m", "regularisation.dropout.hidden=0.1,0.2,0.3", "pretrain.epochs=1,2",
-         *(o for o in TINY if not o.startswith("pretrain.epochs")), f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache={tmp_path / 'cache'}",
-         f"tracking.uri=sqlite:///{store}"],
+         *(o for o in TINY if not o.startswith("pretrain.epochs")), f"hydra.sweep.dir={tmp_path / 'sweep'}",
+         f"paths.cache={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{store}"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout
