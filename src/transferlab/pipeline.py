@@ -3,13 +3,17 @@
 The same stage functions that DVC runs one by one, called in a row for one
 composed config; this is what ``python -m transferlab`` (and each job of a
 Hydra multirun) does. Each run writes under its own output folder; prepared
-data is cached by the settings it depends on, so a sweep prepares it once.
+data and source-task pretrained weights are cached under ``paths.cache`` by
+the settings they depend on, so a sweep prepares and pretrains once per
+distinct setting.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -17,18 +21,50 @@ from typing import Any
 from transferlab.config.schema import ExperimentConfig, PathsConfig
 
 
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def prepared_key(cfg: ExperimentConfig) -> str:
     """Everything the prepare stage's output depends on, the listing of the files it reads included."""
     from transferlab.data.sources import folder_fingerprint
 
-    key = {"data": asdict(cfg.data), "seed": cfg.seed,
-           "pretrain": [cfg.pretrain.classes, cfg.pretrain.max_per_class],
-           "inputs": folder_fingerprint(cfg.data.inputs)}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest({"data": asdict(cfg.data), "seed": cfg.seed,
+                    "pretrain": [cfg.pretrain.classes, cfg.pretrain.max_per_class],
+                    "inputs": folder_fingerprint(cfg.data.inputs)})
+
+
+# Trainer settings that do not change the trained numbers: the display; the memory budget (resident and
+# streamed data give the same batches and results); CPU threads (null shares the CPUs among the running
+# jobs, so the count changes with the load anyway, and only the summation order of float reductions
+# depends on it). Every other trainer setting the source task keeps is part of the key: the device type
+# (CPU and CUDA kernels differ), amp, channels_last and compile (other kernels), eval_batch_size,
+# aux_loss_weight, and any setting added later, until it is shown not to matter.
+NUMERICALLY_NEUTRAL_TRAINER_KEYS = ("progress", "memory_budget_mb", "num_threads")
+
+
+def pretrained_key(cfg: ExperimentConfig) -> str:
+    """Everything source-task pretraining's output depends on: the prepared data (its key) and the source
+    task's experiment (:func:`~transferlab.training.build.source_task_config`: seed, the ``backbone`` and
+    ``pretrain`` groups, the trainer's numerically relevant settings with the device as the type actually
+    used). The fine-tuning settings (head, regularisation, optimizer, scheduler, augment, the trainer's
+    epochs and controls) are replaced there by the source task's own, so jobs that vary only those share
+    one key; tracking and paths do not change the weights."""
+    from transferlab.training.build import source_task_config
+    from transferlab.training.runtime import resolve_device
+
+    source = asdict(source_task_config(cfg))
+    for name in ("tracking", "paths", "composition", "optimized_metric"):
+        del source[name]
+    for name in NUMERICALLY_NEUTRAL_TRAINER_KEYS:
+        del source["trainer"][name]
+    source["trainer"]["device"] = resolve_device(cfg.trainer.device).type
+    return _digest({"prepared": prepared_key(cfg), "source_task": source})
 
 
 def with_output_dir(cfg: ExperimentConfig, output_dir: str | Path) -> ExperimentConfig:
-    """``cfg`` with every path under ``output_dir`` (prepared data under ``paths.cache``)."""
+    """``cfg`` with every path under ``output_dir`` (prepared data under ``paths.cache``; source-task
+    weights there too, linked into the run's folder by :func:`pretrain_shared`)."""
     out = Path(output_dir)
     paths = PathsConfig(prepared=str(Path(cfg.paths.cache) / "prepared" / prepared_key(cfg)), cache=cfg.paths.cache,
                         weights=str(out / "weights" / "backbone.safetensors"), model=str(out / "models"),
@@ -42,10 +78,10 @@ def with_output_dir(cfg: ExperimentConfig, output_dir: str | Path) -> Experiment
 
 def run_pipeline(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Run every stage; return the MLflow run id, the validation metrics and the test accuracy."""
-    from transferlab.stages import evaluate, finetune, pretrain
+    from transferlab.stages import evaluate, finetune
 
     prepare_shared(cfg)
-    pretrain.run(cfg)
+    pretrain_shared(cfg)
     run_id, result = finetune.run(cfg, tags=tags)
     best = result.history[result.best_epoch]
     metrics = evaluate.run(cfg)
@@ -67,3 +103,46 @@ def prepare_shared(cfg: ExperimentConfig) -> None:
         if not (prepared / "target" / "meta.json").is_file() or (
                 cfg.pretrain.classes is not None and not (prepared / "source" / "meta.json").is_file()):
             prepare.run(cfg)
+
+
+def pretrain_shared(cfg: ExperimentConfig) -> None:
+    """Write the run's ``paths.weights`` (and sidecar); for ``backbone.weights=source``, train the source
+    task into ``paths.cache/weights/<pretrained_key>/`` unless it is there, then link the run's files to it.
+
+    Runs with the same key take turns under an exclusive file lock, so one trains and the others reuse its
+    weights. ``save_weights`` replaces the weights file, then the sidecar, each atomically: a complete
+    sidecar means complete weights, and a job killed before it leaves nothing a later job would reuse. Other
+    weight sources are not cached: loading given weights costs about what reading them from a cache would.
+    """
+    from filelock import FileLock
+
+    from transferlab.models.weights import kind_of, weights_meta_path
+    from transferlab.stages import pretrain
+
+    if kind_of(cfg.backbone.weights) != "source":
+        pretrain.run(cfg)
+        return
+    shared = Path(cfg.paths.cache) / "weights" / pretrained_key(cfg) / "backbone.safetensors"
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(shared.parent / ".lock"):
+        if shared.is_file() and weights_meta_path(shared).is_file():
+            print(f"pretrain: reusing {shared} (same pretraining setting)")
+        else:
+            pretrain.run(replace(cfg, paths=replace(cfg.paths, weights=str(shared))))
+        for source, target in ((shared, Path(cfg.paths.weights)),
+                               (weights_meta_path(shared), weights_meta_path(cfg.paths.weights))):
+            _link(source, target)
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` becomes a hard link to ``source`` (a copy where the two are on different file systems),
+    atomically: the run's folder keeps its own weights at no cost in space, and the cached file is only
+    ever replaced, never written in place, so the link never changes under the run."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
