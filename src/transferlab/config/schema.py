@@ -236,7 +236,7 @@ class PathsConfig:
     model: str = "models"  # finetune writes best.pt, history and the run id here
     metrics: str = "metrics"
     plots: str = "plots"
-    cache: str = "outputs/cache"  # python -m transferlab: prepared data shared by runs and sweep jobs
+    cache: str = "outputs/cache"  # python -m transferlab: prepared data and source weights shared by runs
 
 
 # What a sweep's job may return for the sweeper to optimise (``optimized_metric``).
