@@ -179,7 +179,7 @@ def write_predictions(predictions: Iterator[Prediction], class_names: list[str],
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="transferlab predict", description=__doc__.strip().splitlines()[0],
+        prog="transferlab predict", description="Predict the classes of image files; write them to a CSV.",
         epilog="MODEL: a model folder (models/), runs:/<run id>/model, models:/<name>/<version>, "
                "models:/<name>@<alias>, or a local MLflow model folder.")
     parser.add_argument("model", metavar="MODEL")

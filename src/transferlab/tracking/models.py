@@ -175,8 +175,8 @@ def load_logged_model(model: str, *, uri: str, device: torch.device) -> tuple[to
                                f"{str(err).splitlines()[0] if str(err) else ''})") from None
         program = local / info.flavors["pytorch"]["model_data"] / "model.pt2"
         if device.type != "cpu" and program.is_file():
-            # An exported program's module cannot be moved with .to() (its constants stay where they were
-            # saved); torch's own pass moves the program. The archive was vetted by the load above.
+            # An exported program's graph asserts its input's device (the CPU it was exported on), which
+            # .to() leaves as it is; torch's own pass moves the program. The archive was vetted above.
             from torch.export.passes import move_to_device_pass
 
             module = move_to_device_pass(torch.export.load(program), device).module()
