@@ -33,7 +33,7 @@ import yaml
 from PIL import Image, ImageOps
 
 from transferlab.compose import compose
-from transferlab.data.sources import _decode, decode_images, decode_workers
+from transferlab.data.sources import decode_image, decode_images, decode_workers
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 10
@@ -67,7 +67,7 @@ def make_photos(root: Path, n: int, *, sides: tuple[int, int], seed: int = 0) ->
 
 def _decode_chunk(args: tuple[list[Path], int]) -> np.ndarray:
     files, size = args
-    return np.stack([_decode(file, size, 3) for file in files])
+    return np.stack([decode_image(file, size, 3) for file in files])
 
 
 def throughput(files: list[Path], size: int) -> None:

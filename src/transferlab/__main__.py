@@ -1,9 +1,11 @@
 """``python -m transferlab [overrides]``: run one experiment; ``-m`` sweeps.
+``python -m transferlab predict MODEL IMAGES...``: predict image files (:mod:`transferlab.predict`).
 
 Examples::
 
     python -m transferlab backbone=resnet18 regularisation.dropout.hidden=0.3
     python -m transferlab -m regularisation.dropout.hidden=0.1,0.3,0.5 backbone=small_cnn,resnet18
+    python -m transferlab predict models photos/
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ def _groups(conf_dir: Path) -> list[str]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["predict"]:  # never a Hydra override (those hold '='), nor a flag
+        from transferlab.predict import main as predict
+
+        predict(sys.argv[2:])
+        return
     import hydra
     from hydra._internal.utils import get_args_parser
     from omegaconf import DictConfig

@@ -28,7 +28,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFiles",
     "SPLITS",
+    "Progress",
     "allocate_images",
+    "decode_image",
     "decode_images",
     "folder_fingerprint",
     "RawDataset",
@@ -449,8 +451,9 @@ def _to_8bit_grey(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
 
 
-def _decode(file: Path, size: int, channels: int) -> np.ndarray:
-    """One file -> uint8 [C, size, size]; any decoder failure names the file."""
+def decode_image(file: Path, size: int, channels: int) -> np.ndarray:
+    """One file -> uint8 [C, size, size], as ``prepare`` stores it (the shorter side resized to ``size``,
+    the centre square kept, ``channels`` 1 or 3); any decoder failure is a DataError naming the file."""
     try:
         with Image.open(file) as image:
             # JPEG can decode straight at a reduced scale (1/2, 1/4, 1/8) that still
@@ -533,11 +536,11 @@ def decode_images(files: Sequence[Path], *, size: int, channels: int, folder: Pa
 
     def decode_one(i: int) -> None:
         try:
-            out[i] = _decode(files[i], size, channels)
+            out[i] = decode_image(files[i], size, channels)
         except DataError as err:
             faults[i] = str(err)
 
-    progress = _Progress(len(files), desc="prepare: decoding images")
+    progress = Progress(len(files), desc="prepare: decoding images")
     try:
         with ThreadPoolExecutor(max_workers=workers or decode_workers()) as pool:
             for _ in pool.map(decode_one, range(len(files))):
@@ -548,7 +551,7 @@ def decode_images(files: Sequence[Path], *, size: int, channels: int, folder: Pa
     return out
 
 
-class _Progress:
+class Progress:
     """A tqdm bar in a terminal; elsewhere (DVC, CI, a log file) a line per ~10% on stderr."""
 
     def __init__(self, total: int, *, desc: str) -> None:
@@ -559,10 +562,10 @@ class _Progress:
             self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5)
         self.next_line = 1
 
-    def update(self) -> None:
-        self.done += 1
+    def update(self, n: int = 1) -> None:
+        self.done += n
         if self.bar is not None:
-            self.bar.update()
+            self.bar.update(n)
         elif self.done * 10 >= self.next_line * self.total:
             print(f"{self.desc}: {self.done}/{self.total} ({100 * self.done // self.total}%)",
                   file=sys.stderr, flush=True)

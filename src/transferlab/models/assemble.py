@@ -132,6 +132,7 @@ class ModelSpec:
     mean: list[float]  # normalisation, per channel the backbone sees ([0, 1] scale)
     std: list[float]
     resize: int  # stored images are resized to this square, then centre-cropped to backbone.input_size
+    stored_size: int  # the side of the square images it was trained on (the prepared data's); predict decodes to it
 
     @property
     def num_classes(self) -> int:
@@ -165,7 +166,7 @@ class ModelSpec:
             resize = min(data_size, max(size, round(size / fraction)))
         return cls(backbone=cfg.backbone, head=cfg.head, dropout=cfg.regularisation.dropout,
                    class_names=list(class_names), data_channels=int(data_channels), mean=norm.mean, std=norm.std,
-                   resize=int(resize))
+                   resize=int(resize), stored_size=int(data_size))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,8 +178,10 @@ class ModelSpec:
         def typed(schema: type, value: dict[str, Any]) -> Any:
             return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), value))
 
-        return cls(**{**d, "backbone": typed(BackboneConfig, d["backbone"]), "head": typed(HeadConfig, d["head"]),
-                      "dropout": typed(DropoutConfig, d["dropout"])})
+        # A spec saved before stored_size was recorded: images decoded at the resize size reach the
+        # backbone as its stored images did (Preprocess crops them without resampling).
+        return cls(**{"stored_size": d["resize"], **d, "backbone": typed(BackboneConfig, d["backbone"]),
+                      "head": typed(HeadConfig, d["head"]), "dropout": typed(DropoutConfig, d["dropout"])})
 
 
 def save_spec(spec: ModelSpec, model_dir: str | Path) -> Path:

@@ -118,22 +118,31 @@ class Head(nn.Module):
         return total / (target.sum() if weight is None else (target @ weight).sum())
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``[N, num_classes]``."""
-        if self.binary:
-            p = torch.sigmoid(logits.squeeze(1).float())
-            return torch.stack([1 - p, p], dim=1)
-        return logits.float().softmax(dim=1)
+        return class_probabilities(logits, binary=self.binary)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.binary:
-            return (logits.squeeze(1) > 0).long()
-        return logits.argmax(dim=1)
+        return predicted_classes(logits, binary=self.binary)
 
     def hits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """How many predictions match ``target`` (a 0-d device tensor). Soft targets count against
         their dominant class (:func:`targets_to_labels`): train accuracy under mixup/cutmix is
         measured against the label that holds most of each mixed image."""
         return (self.predict(logits) == targets_to_labels(target)).sum()
+
+
+def class_probabilities(logits: torch.Tensor, *, binary: bool) -> torch.Tensor:
+    """Class probabilities ``[N, num_classes]`` from a head's output (``binary``: its one sigmoid logit)."""
+    if binary:
+        p = torch.sigmoid(logits.squeeze(1).float())
+        return torch.stack([1 - p, p], dim=1)
+    return logits.float().softmax(dim=1)
+
+
+def predicted_classes(logits: torch.Tensor, *, binary: bool) -> torch.Tensor:
+    """The predicted class index ``[N]`` from a head's output (``binary``: its one sigmoid logit)."""
+    if binary:
+        return (logits.squeeze(1) > 0).long()
+    return logits.argmax(dim=1)
 
 
 def targets_to_labels(target: torch.Tensor) -> torch.Tensor:

@@ -125,3 +125,61 @@ def log_model(model: torch.nn.Module, example: torch.Tensor, spec: dict[str, Any
     mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x, metadata=metadata,
                              pip_requirements=[*requirements, "transferlab"], serialization_format="pickle")
     return "pickle"
+
+
+MLMODEL_FILE = "MLmodel"
+
+
+def load_logged_model(model: str, *, uri: str, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A model :func:`log_model` logged (``runs:/<id>/model``, ``models:/<name>/<version>``,
+    ``models:/<name>@<alias>``, or a local MLflow model folder) on ``device``, with its model spec.
+
+    The module takes raw uint8 images ``[N, C, H, W]`` and returns the head's output (class logits)."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow.pytorch
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    from transferlab.tracking.store import sqlite_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if Path(model).is_dir():
+            local = Path(model)
+        else:
+            uri = tracking_uri(uri)
+            store = sqlite_path(uri)
+            if store is not None and not store.is_file():  # MLflow would create an empty store
+                raise WeightsError(f"'{model}': there is no MLflow store at {store} (set --tracking-uri or "
+                                   "MLFLOW_TRACKING_URI to the store that holds it)")
+            try:
+                local = Path(download_artifacts(artifact_uri=model, dst_path=tmp, tracking_uri=uri,
+                                                registry_uri=uri))
+            except Exception as err:
+                raise WeightsError(f"could not fetch the model '{model}' from the store {uri} "
+                                   f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        if not (local / MLMODEL_FILE).is_file():
+            raise WeightsError(f"'{model}' is not an MLflow model (no {MLMODEL_FILE} file in {local})")
+        info = Model.load(str(local))
+        spec = (info.metadata or {}).get("model_spec")
+        if "pytorch" not in info.flavors or spec is None:
+            raise WeightsError(f"'{model}' is not a model logged by transferlab (needs the pytorch flavour and "
+                               "a model_spec in its metadata)")
+        # MLflow refuses pickle payloads in an exported program unless allowed (and a pickled model,
+        # log_model's fallback, unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set); it loads on the CPU.
+        try:
+            module = mlflow.pytorch.load_model(str(local))
+        except Exception as err:
+            raise WeightsError(f"could not load the model '{model}' ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        program = local / info.flavors["pytorch"]["model_data"] / "model.pt2"
+        if device.type != "cpu" and program.is_file():
+            # An exported program's graph asserts its input's device (the CPU it was exported on), which
+            # .to() leaves as it is; torch's own pass moves the program. The archive was vetted above.
+            from torch.export.passes import move_to_device_pass
+
+            module = move_to_device_pass(torch.export.load(program), device).module()
+        else:
+            module = module.to(device)
+    return module, spec
