@@ -132,6 +132,7 @@ class ModelSpec:
     mean: list[float]  # normalisation, per channel the backbone sees ([0, 1] scale)
     std: list[float]
     resize: int  # stored images are resized to this square, then centre-cropped to backbone.input_size
+    data_size: int | None = None  # side of the stored (square) images; None in specs written before it was kept
 
     @property
     def num_classes(self) -> int:
@@ -165,7 +166,7 @@ class ModelSpec:
             resize = min(data_size, max(size, round(size / fraction)))
         return cls(backbone=cfg.backbone, head=cfg.head, dropout=cfg.regularisation.dropout,
                    class_names=list(class_names), data_channels=int(data_channels), mean=norm.mean, std=norm.std,
-                   resize=int(resize))
+                   resize=int(resize), data_size=int(data_size))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
