@@ -106,21 +106,30 @@ def test_export_of_a_runs_uri(trained) -> None:
     assert missing.returncode == 2 and "0123456789abcdef" in missing.stderr
 
 
-def test_preprocessing_that_resizes_and_crops_exports_within_tolerance(tmp_path: Path) -> None:
-    """Grey images stored at 20 px, resized (antialiased) to 14, centre-cropped to 12, fed to an RGB backbone."""
-    from transferlab.config.schema import BackboneConfig, ExperimentConfig
+@pytest.mark.parametrize("head, classes", [("overcomplete", ["a", "b", "c"]), ("binary", ["no", "yes"])])
+def test_preprocessing_that_resizes_and_crops_exports_within_tolerance(tmp_path: Path, head: str,
+                                                                       classes: list[str]) -> None:
+    """Grey images stored at 20 px, resized (antialiased) to 14, centre-cropped to 12, fed to an RGB backbone;
+    a binary head's single logit comes out as the two classes' probabilities."""
+    from transferlab.config.schema import BackboneConfig, ExperimentConfig, HeadConfig
     from transferlab.export import TOLERANCE, export_onnx, max_difference
     from transferlab.models.assemble import ModelSpec, build_model
 
-    cfg = ExperimentConfig(backbone=BackboneConfig(name="small_cnn", channels=3, input_size=12, width=8))
-    spec = replace(ModelSpec.decide(cfg, class_names=["a", "b", "c"], data_channels=1, data_size=20,
+    cfg = ExperimentConfig(backbone=BackboneConfig(name="small_cnn", channels=3, input_size=12, width=8),
+                           head=HeadConfig(name=head))
+    spec = replace(ModelSpec.decide(cfg, class_names=classes, data_channels=1, data_size=20,
                                     data_mean=[0.4], data_std=[0.3]), resize=14)
     torch.manual_seed(0)
     model, _ = build_model(spec)
     model.eval()
+    assert model.head.binary == (head == "binary")
     export_onnx(model, spec, tmp_path / "m.onnx", size=20)
     images = torch.randint(0, 256, (9, 1, 20, 20), dtype=torch.uint8)
     assert max_difference(model, tmp_path / "m.onnx", images) <= TOLERANCE
+    import onnxruntime
+
+    probs = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(["probabilities"], {"images": images.numpy()})[0]
+    assert probs.shape == (9, len(classes))
 
 
 def test_a_missing_exporter_names_the_extra() -> None:
@@ -178,7 +187,7 @@ def test_a_sweep_registers_the_job_with_the_best_validation_accuracy(tmp_path: P
     cwd = tmp_path / "work"
     cwd.mkdir()
     shutil.copytree(REPO / "conf", cwd / "conf")
-    args = [sys.executable, "-m", "transferlab", "-m", "trainer.epochs=1,3", *TINY[1:], "tracking.register=best",
+    args = [sys.executable, "-m", "transferlab", "-m", "trainer.epochs=3,1", *TINY[1:], "tracking.register=best",
             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     proc = subprocess.run(args, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -187,7 +196,8 @@ def test_a_sweep_registers_the_job_with_the_best_validation_accuracy(tmp_path: P
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = next(r for r in runs if r.data.tags.get("stage") == "sweep")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 2
+    accuracies = {r.data.tags["sweep_job"]: r.data.metrics["best_val_acc"] for r in children}
+    assert len(set(accuracies.values())) == 2, accuracies  # one best job (the first: not merely the last one run)
     versions = client.search_model_versions("name = 'best'")
     assert len(versions) == 1  # the jobs registered nothing themselves
     champion = client.get_model_version_by_alias("best", "champion")
