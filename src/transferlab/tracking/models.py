@@ -3,7 +3,10 @@
 ``backbone.weights`` may name an earlier run's model (``runs:/<id>/model``,
 ``models:/<name>/<version>`` or ``models:/<name>@<alias>``); its backbone's
 weights come from that run's checkpoint artifact (a plain state dict, loaded
-with ``weights_only=True``) rather than from unpickling a logged model.
+with ``weights_only=True``) rather than from unpickling a logged model. The
+same checkpoint and its model spec make the trained model for an export
+(:func:`download_trained`); :func:`register_model` puts a run's logged model
+in the registry under an alias.
 """
 
 from __future__ import annotations
