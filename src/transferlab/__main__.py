@@ -160,6 +160,7 @@ def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
             tags["mlflow.parentRunId"] = parent
         if exp.tracking.run_name is None:
             exp.tracking.run_name = f"sweep-{sweep}-{hc.job.num}"
+        exp.tracking.register = None  # the sweep registers its best job's model when it ends (tracking/sweep.py)
     exp = with_output_dir(exp, out)
     result = run_pipeline(exp, tags=tags)
     if hc.mode == RunMode.MULTIRUN:

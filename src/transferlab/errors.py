@@ -32,6 +32,10 @@ class TrackingError(ValueError):
     """A tracking store or server that cannot be used; the message says which and why."""
 
 
+class ExportError(ValueError):
+    """A model export that cannot be done as asked (a missing exporter, a bad argument)."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataError, HeadError, WeightsError, FreezeError, TrackingError, FloatingPointError,
+    ConfigError, DataError, HeadError, WeightsError, FreezeError, TrackingError, ExportError, FloatingPointError,
 )

@@ -227,6 +227,10 @@ class TrackingConfig:
     run_name: Optional[str] = None
     log_model: bool = True
     log_graph: bool = True
+    # Register the run's logged model (a sweep's: the job with the best optimized_metric) under this name in
+    # the MLflow model registry, and point the alias at the new version: models:/<name>@<alias> loads it.
+    register: Optional[str] = None
+    register_alias: str = "champion"
 
 
 @dataclass

@@ -7,6 +7,7 @@ any data is read or any tensor is built.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
@@ -176,6 +177,20 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_registration(t: Any) -> None:
+    """``tracking.register``/``register_alias`` as the MLflow registry takes them; ``@`` is refused in the
+    name too, since ``models:/<name>@<alias>`` could not name it back."""
+    if t.register is None:
+        return
+    _check(bool(t.register.strip()) and not any(c in t.register for c in "/:@"), "tracking.register",
+           f"must be null or a model name without '/', ':' or '@', got '{t.register}'")
+    _check(t.log_model, "tracking.register", "registers the logged model: needs tracking.log_model=true")
+    alias = t.register_alias
+    _check(bool(re.fullmatch(r"[\w-]+", alias)) and alias.lower() != "latest" and not re.fullmatch(r"[vV]\d+", alias),
+           "tracking.register_alias", "must be letters, digits, '_' or '-', neither 'latest' nor a version "
+           f"alias like v3, got '{alias}'")
+
+
 def _probability(value: float, key: str) -> None:
     _check(0.0 <= value < 1.0, key, f"must be a probability in [0, 1), got {value}")
 
@@ -338,3 +353,4 @@ def validate(cfg: ExperimentConfig) -> None:
 
     _check(bool(cfg.tracking.uri), "tracking.uri", "must be a tracking URI such as sqlite:///mlflow.db")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "must be a non-empty name")
+    _check_registration(cfg.tracking)

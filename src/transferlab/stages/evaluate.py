@@ -2,13 +2,15 @@
 
 Reopens the MLflow run that ``finetune`` started, adds the test metrics, the
 confusion matrix (picture and DVC plot data) and the model itself
-(``mlflow.pytorch``, with a signature and an input example).
+(``mlflow.pytorch``, with a signature and an input example), registered
+under ``tracking.register`` with the alias ``tracking.register_alias`` when set.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,7 @@ def plot_confusion(matrix: list[list[int]], class_names: list[str], path: Path) 
 
 def run(cfg: ExperimentConfig) -> dict[str, Any]:
     from transferlab.tracking.handoff import run_of_model
+    from transferlab.tracking.models import register_model
     from transferlab.tracking.run import open_run
 
     configure_threads(cfg.trainer.num_threads)
@@ -156,6 +159,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         tracker.log_artifact(plots_dir / "confusion.csv", artifact_path="evaluation")
         if cfg.tracking.log_model:
             tracker.log_model(model.cpu(), test.images[:4], load_spec(cfg.paths.model).to_dict())
+            if cfg.tracking.register:
+                tracker.call_in_run(partial(register_model, run_id, cfg.tracking.register,
+                                            alias=cfg.tracking.register_alias), "the model registration")
     print(f"evaluate: test_acc={metrics['test_acc']:.4f} macro_f1={metrics['test_macro_f1']:.4f}")
     return metrics
 

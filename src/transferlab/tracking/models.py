@@ -3,29 +3,35 @@
 ``backbone.weights`` may name an earlier run's model (``runs:/<id>/model``,
 ``models:/<name>/<version>`` or ``models:/<name>@<alias>``); its backbone's
 weights come from that run's checkpoint artifact (a plain state dict, loaded
-with ``weights_only=True``) rather than from unpickling a logged model.
+with ``weights_only=True``) rather than from unpickling a logged model. The
+same checkpoint and its model spec make the trained model for an export
+(:func:`download_trained`); :func:`register_model` puts a run's logged model
+in the registry under an alias.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from transferlab.errors import TrackingError
 from transferlab.models.weights import WeightsError, read_weights_file
-from transferlab.tracking.store import tracking_uri
+from transferlab.tracking.store import sqlite_path, tracking_uri
 
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 
 
-def mlflow_run_id(spec: str, *, uri: str) -> str:
-    """The run behind ``runs:/<id>/...`` or ``models:/<name>/<version>`` (``uri`` resolved)."""
+def mlflow_run_id(spec: str, *, uri: str, key: str = "backbone.weights") -> str:
+    """The run behind ``runs:/<id>/...``, ``models:/<name>/<version>`` or ``models:/<name>@<alias>``
+    (``uri`` resolved); errors name ``key``, the setting that gave ``spec``."""
     from mlflow import MlflowClient
 
     if spec.startswith("runs:/"):
         run_id = spec[len("runs:/"):].split("/", 1)[0]
         if not run_id:
-            raise WeightsError(f"backbone.weights: '{spec}' names no run; expected runs:/<run_id>/model")
+            raise WeightsError(f"{key}: '{spec}' names no run; expected runs:/<run_id>/model")
         return run_id
     rest = spec[len("models:/"):]
     name, sep, version = rest.partition("/")
@@ -39,10 +45,10 @@ def mlflow_run_id(spec: str, *, uri: str) -> str:
         else:
             mv = client.get_model_version(name, version)
     except Exception as err:
-        raise WeightsError(f"backbone.weights: could not resolve '{spec}' in {uri} "
+        raise WeightsError(f"{key}: could not resolve '{spec}' in {uri} "
                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     if not mv.run_id:
-        raise WeightsError(f"backbone.weights: '{spec}' was not logged by a run, so it has no checkpoint "
+        raise WeightsError(f"{key}: '{spec}' was not logged by a run, so it has no checkpoint "
                            "to take weights from")
     return mv.run_id
 
@@ -136,13 +142,10 @@ def load_logged_model(model: str, *, uri: str, device: torch.device) -> tuple[to
 
     The module takes raw uint8 images ``[N, C, H, W]`` and returns the head's output (class logits)."""
     import tempfile
-    from pathlib import Path
 
     import mlflow.pytorch
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
-
-    from transferlab.tracking.store import sqlite_path
 
     with tempfile.TemporaryDirectory() as tmp:
         if Path(model).is_dir():
@@ -183,3 +186,39 @@ def load_logged_model(model: str, *, uri: str, device: torch.device) -> tuple[to
         else:
             module = module.to(device)
     return module, spec
+SPEC_ARTIFACT = "checkpoint/model_spec.json"
+
+
+def download_trained(model: str, dst: str | Path, *, uri: str) -> Path:
+    """The model folder (``best.pt`` beside ``model_spec.json``, what ``evaluate.load_trained`` reads) of
+    the run behind the MLflow model URI ``model``, downloaded from its checkpoint artifacts into ``dst``."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # a client would create an empty store there
+        raise TrackingError(f"no MLflow store at {db} to find '{model}' in (set MLFLOW_TRACKING_URI or "
+                            "--tracking-uri to the store that holds the run)")
+    run_id = mlflow_run_id(model, uri=uri, key="model")
+    client = MlflowClient(uri)
+    for artifact in (CHECKPOINT_ARTIFACT, SPEC_ARTIFACT):
+        try:
+            local = client.download_artifacts(run_id, artifact, dst_path=str(dst))  # dst/<file name>
+        except Exception as err:
+            raise WeightsError(f"model: could not fetch {artifact} of run {run_id} for '{model}' "
+                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                               "did the run finish its finetune stage?") from None
+    return Path(local).parent
+
+
+def register_model(run_id: str, name: str, *, alias: str) -> None:
+    """Register the model that run ``run_id`` logged as a new version of ``name`` and point ``alias`` at it
+    (``models:/<name>@<alias>``). Called through ``Tracker.call_in_run``, which makes the run's store the
+    active one (the registry is the tracking store)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    version = mlflow.register_model(f"runs:/{run_id}/model", name).version
+    MlflowClient().set_registered_model_alias(name, alias, version)
+    print(f"tracking: registered the model of run {run_id} as '{name}' version {version}, alias '{alias}' "
+          f"(models:/{name}@{alias})")

@@ -8,7 +8,9 @@ under their sweep. Run again with the same sweep folder (``hydra.sweep.dir``),
 an interrupted sweep reopens its parent run; each job that finished is
 skipped (:func:`finished_job`) and the interrupted one resumes from its last
 checkpoint. When the sweep ends, the parent gets the number of jobs
-and the best test accuracy, and is closed FINISHED; :func:`close_sweep` with
+and the best validation accuracy with that job's test accuracy, the job with
+the best ``optimized_metric`` has its model registered (``tracking.register``),
+and the parent is closed FINISHED; :func:`close_sweep` with
 the error that stopped a sweep closes it FAILED, or KILLED for Ctrl-C/SIGTERM.
 """
 
@@ -53,17 +55,27 @@ class SweepRuns(Callback):
         _open.append(parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        close_sweep()
+        close_sweep(register=config.tracking.register, alias=config.tracking.register_alias,
+                    metric=config.optimized_metric)
 
 
-def close_sweep(error: BaseException | None = None) -> None:
+# Whether a larger value of each validation metric a sweep may optimise (``optimized_metric``) is better.
+HIGHER_IS_BETTER = {"best_val_acc": True, "best_val_loss": False}
+
+
+def close_sweep(error: BaseException | None = None, *, register: str | None = None, alias: str = "champion",
+                metric: str = "best_val_acc") -> None:
     """Summarise and end the parent run this process opened, if any: FINISHED without
-    ``error``, KILLED for KeyboardInterrupt (Ctrl-C, SIGTERM), else FAILED."""
+    ``error``, KILLED for KeyboardInterrupt (Ctrl-C, SIGTERM), else FAILED. A sweep that finished
+    registers the model of its job with the best ``metric`` as ``register`` with ``alias``."""
     if not _open:
         return
     parent = _open.pop()
+    from functools import partial
+
     from mlflow import MlflowClient
 
+    from transferlab.tracking.models import register_model
     from transferlab.tracking.store import reachable
 
     if reachable(parent.uri):
@@ -80,6 +92,13 @@ def close_sweep(error: BaseException | None = None) -> None:
             if "test_acc" in best:
                 summary["test_acc_of_best_val"] = best["test_acc"]
         parent.log_metrics(summary)
+        ranked = [r for r in children if metric in r.data.metrics]
+        if register and error is None and ranked:
+            sign = 1 if HIGHER_IS_BETTER[metric] else -1
+            best_run = max(ranked, key=lambda r: sign * r.data.metrics[metric])
+            parent.set_tags({"registered_job": best_run.data.tags.get("sweep_job", best_run.info.run_id)})
+            parent.call_in_run(partial(register_model, best_run.info.run_id, register, alias=alias),
+                               "the model registration")
     parent.end(status_of(error))
 
 
