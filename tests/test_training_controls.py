@@ -200,3 +200,16 @@ def test_warm_up_in_both_epochs_and_steps_is_refused() -> None:
 
     with pytest.raises(ConfigError, match=r"^scheduler.warmup_steps: give warm-up in epochs or in steps"):
         load_config(compose(["scheduler.warmup_epochs=1", "scheduler.warmup_steps=5"], config_dir=REPO / "conf"))
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is present here")
+def test_mps_is_a_device_name_refused_only_where_it_is_missing() -> None:
+    from transferlab.compose import compose
+    from transferlab.config import load_config
+    from transferlab.training.runtime import resolve_device
+
+    with pytest.raises(ConfigError, match=r"^trainer.device: 'mps', but MPS \(Apple silicon\) is not available"):
+        load_config(compose(["trainer.device=mps"], config_dir=REPO / "conf"))
+    with pytest.raises(ConfigError, match=r"^trainer.device: must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"):
+        load_config(compose(["trainer.device=tpu"], config_dir=REPO / "conf"))
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

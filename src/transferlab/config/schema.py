@@ -183,7 +183,7 @@ class TrainerConfig:
     epochs: int = 10
     batch_size: int = 64
     eval_batch_size: int = 1024
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: CUDA, else MPS, else the CPU)
     monitor: str = "val_acc"  # val_acc | val_loss: picks the best checkpoint
     aux_loss_weight: float = 0.4  # inception_v3 auxiliary logits
     amp: bool = False  # bf16 autocast on CUDA

@@ -312,13 +312,18 @@ def validate(cfg: ExperimentConfig) -> None:
            f"must be < trainer.epochs ({t.epochs}), got {r.freeze.head_only_epochs}")
     _check(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "trainer.device",
-           f"must be auto, cpu, cuda or cuda:N, got '{t.device}'")
+    _check(t.device in ("auto", "cpu", "mps") or t.device.startswith("cuda"), "trainer.device",
+           f"must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'")
     if t.device.startswith("cuda"):
         import torch
 
         _check(torch.cuda.is_available(), "trainer.device",
                f"'{t.device}', but CUDA is not available here; use auto (CUDA when present) or cpu")
+    if t.device == "mps":
+        import torch
+
+        _check(torch.backends.mps.is_available(), "trainer.device",
+               "'mps', but MPS (Apple silicon) is not available here; use auto or cpu")
     _one_of(t.monitor, ["val_acc", "val_loss"], "trainer.monitor", "monitor")
     _check(t.aux_loss_weight >= 0, "trainer.aux_loss_weight", f"must be >= 0, got {t.aux_loss_weight}")
     if t.num_threads is not None:

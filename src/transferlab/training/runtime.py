@@ -15,12 +15,16 @@ from transferlab.project import state_dir
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
+    """``auto`` picks CUDA when present, else MPS (Apple silicon) when present, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device: '{name}', but CUDA is not available here; use auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"trainer.device: '{name}', but MPS (Apple silicon) is not available here; use auto or cpu")
     return device
 
 
