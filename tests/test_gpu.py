@@ -39,8 +39,9 @@ def _model(device: torch.device, first_n: int):
     return model.to(device), plan, frozen_norm_layers(model, plan.frozen)
 
 
-@pytest.mark.parametrize("amp,channels_last", [(False, False), (True, True)])
-def test_fit_on_cuda_keeps_frozen_layers_and_max_norm(amp: bool, channels_last: bool) -> None:
+@pytest.mark.parametrize("amp,channels_last,amp_dtype", [(False, False, "bfloat16"), (True, True, "bfloat16"),
+                                                         (True, True, "float16")])
+def test_fit_on_cuda_keeps_frozen_layers_and_max_norm(amp: bool, channels_last: bool, amp_dtype: str) -> None:
     from transferlab.config.schema import OptimizerConfig, SchedulerConfig
     from transferlab.training.loop import TrainSettings, fit, steps_per_epoch
     from transferlab.training.maxnorm import constrained_weights, unit_norms
@@ -60,7 +61,8 @@ def test_fit_on_cuda_keeps_frozen_layers_and_max_norm(amp: bool, channels_last: 
     schedule = Schedule(opt, SchedulerConfig(name="cosine"), epochs=6, steps_per_epoch=steps_per_epoch(len(train), 64))
     weights = list(constrained_weights(model, ["head.*"]).values())
     settings = TrainSettings(epochs=6, batch_size=64, max_norm=3.0, max_norm_weights=weights, frozen_norms=norms,
-                             frozen=plan.frozen, amp=amp, channels_last=channels_last, progress=False)
+                             frozen=plan.frozen, amp=amp, amp_dtype=amp_dtype, channels_last=channels_last,
+                             progress=False)
     result = fit(model, model.head, train, val, opt, schedule, settings)
     assert len(result.history) == 6
     assert result.best_value > 0.7

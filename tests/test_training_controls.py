@@ -135,6 +135,33 @@ def test_clipping_bounds_the_gradient_norm(digits) -> None:
     assert float(step.norm()) == pytest.approx(0.5 * clip, rel=1e-3)  # lr x the clipped norm
 
 
+def test_the_float16_gradient_scaler_changes_no_step_and_clips_the_unscaled_gradients(digits) -> None:
+    # amp=true, amp_dtype=float16 trains through torch's GradScaler (autocast itself is CUDA-only, so on the
+    # CPU the loss stays fp32): scaling by 2**16 and unscaling are exact, and clipping must see the true
+    # gradients, so every weight equals the unscaled run's.
+    plain = _one_step(digits, 64, batch_size=16, accumulate_grad_batches=2, gradient_clip_val=0.05)
+    scaled = _one_step(digits, 64, batch_size=16, accumulate_grad_batches=2, gradient_clip_val=0.05, amp=True,
+                       amp_dtype="float16")
+    assert plain[2]["grad_norm"] > 0.05 and scaled[2]["grad_norm"] == plain[2]["grad_norm"]
+    for k in plain[1]:
+        assert torch.equal(scaled[1][k], plain[1][k]), k
+
+
+def test_the_gradient_scaler_skips_an_overflowing_step_and_halves_its_scale() -> None:
+    from transferlab.training.loop import TrainSettings, grad_scaler
+
+    weight = nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = grad_scaler(TrainSettings(epochs=1, batch_size=1, amp=True, amp_dtype="float16"), torch.device("cpu"))
+    assert scaler.is_enabled() and not grad_scaler(TrainSettings(epochs=1, batch_size=1, amp=True),
+                                                   torch.device("cpu")).is_enabled()
+    scale = scaler.get_scale()
+    scaler.scale((weight * torch.tensor([1.0, float("inf")])).sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(weight.detach(), torch.ones(2)) and scaler.get_scale() == scale / 2
+
+
 # --------------------------------------------------------------------------- warm-up and lr scaling
 
 
@@ -185,6 +212,7 @@ def test_the_effective_batch_includes_accumulation(digits) -> None:
     ("trainer.ema.decay=1.0", r"^trainer.ema.decay: must be in \(0, 1\)"),
     ("scheduler.warmup_start_factor=2", r"^scheduler.warmup_start_factor: must be in \[0, 1\]"),
     ("optimizer.lr_base_scale=cubic", r"^optimizer.lr_base_scale: .*cubic"),
+    ("trainer.amp_dtype=float8", r"^trainer.amp_dtype: Unknown amp dtype 'float8'"),
 ])
 def test_bad_training_controls_are_refused(override: str, message: str) -> None:
     from transferlab.compose import compose

@@ -186,7 +186,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: CUDA, else MPS, else the CPU)
     monitor: str = "val_acc"  # val_acc | val_loss: picks the best checkpoint
     aux_loss_weight: float = 0.4  # inception_v3 auxiliary logits
-    amp: bool = False  # bf16 autocast on CUDA
+    amp: bool = False  # mixed precision (autocast) on CUDA, in amp_dtype
+    # bfloat16 | float16 (timm's --amp-dtype): float16 adds a gradient scaler, for GPUs without bf16 (T4, V100)
+    amp_dtype: str = "bfloat16"
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     progress: bool = True
@@ -242,6 +244,9 @@ class PathsConfig:
     plots: str = "plots"
     cache: str = "outputs/cache"  # python -m transferlab: prepared data and source weights shared by runs
 
+
+# trainer.amp_dtype: the autocast dtypes (torch.<name>); float16 trains with a gradient scaler.
+AMP_DTYPES = ("bfloat16", "float16")
 
 # What a sweep's job may return for the sweeper to optimise (``optimized_metric``).
 VALIDATION_METRICS = ("best_val_acc", "best_val_loss")

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from transferlab.config.schema import VALIDATION_METRICS, ExperimentConfig
+from transferlab.config.schema import AMP_DTYPES, VALIDATION_METRICS, ExperimentConfig
 from transferlab.errors import ConfigError
 
 __all__ = ["ConfigError", "check_override_keys", "load_config", "option_keys", "validate"]
@@ -319,6 +319,12 @@ def validate(cfg: ExperimentConfig) -> None:
 
         _check(torch.cuda.is_available(), "trainer.device",
                f"'{t.device}', but CUDA is not available here; use auto (CUDA when present) or cpu")
+    _one_of(t.amp_dtype, AMP_DTYPES, "trainer.amp_dtype", "amp dtype")
+    if t.amp and t.amp_dtype == "bfloat16" and t.device != "cpu":
+        import torch
+
+        _check(not torch.cuda.is_available() or torch.cuda.is_bf16_supported(), "trainer.amp_dtype",
+               "bfloat16, but this GPU has no bf16; use float16 (with a gradient scaler)")
     if t.device == "mps":
         import torch
 

@@ -117,7 +117,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
         max_norm=mn.value if mn.enabled else None,
         max_norm_weights=max_norm_weights(model, list(mn.layers)) if mn.enabled else [],
         frozen_norms=frozen_norm_layers(model, plan.frozen), frozen=plan.frozen,
-        head_only_epochs=f.head_only_epochs, amp=t.amp, channels_last=t.channels_last, compile=t.compile,
+        head_only_epochs=f.head_only_epochs, amp=t.amp, amp_dtype=t.amp_dtype, channels_last=t.channels_last, compile=t.compile,
         progress=t.progress, seed=cfg.seed, checkpoint=checkpoint,
         augment=create_augment(cfg.augment, size=spec.input_size, num_classes=spec.num_classes),
         class_weight=class_weights(data.splits["train"].labels.to(device), spec.num_classes, t.class_weight),

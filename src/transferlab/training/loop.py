@@ -47,7 +47,8 @@ class TrainSettings:
     frozen_norms: list[nn.Module] = field(default_factory=list)
     frozen: frozenset[str] = frozenset()
     head_only_epochs: int = 0
-    amp: bool = False
+    amp: bool = False  # autocast on CUDA
+    amp_dtype: str = "bfloat16"  # or float16, which trains with a gradient scaler (on any device)
     channels_last: bool = False
     compile: bool = False
     progress: bool = True
@@ -96,10 +97,17 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 AUGMENT_SEED_OFFSET = 0x5EED  # the augmentation's generator: seed + this
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def _autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16") -> contextlib.AbstractContextManager:
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
+
+
+def grad_scaler(s: "TrainSettings", device: torch.device) -> torch.amp.GradScaler:
+    """torch's loss scaler for float16 training (``amp_dtype=float16``); a pass-through otherwise.
+    Enabled, its ``step`` reads back whether the gradients overflowed: one host sync per optimiser
+    step, the price of float16 (bf16 needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=s.amp and s.amp_dtype == "float16")
 
 
 def _split_output(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -113,7 +121,7 @@ Data = Batches | StreamedBatches
 
 @torch.no_grad()
 def evaluate(model: nn.Module, head: Head, data: Data, *, batch_size: int, amp: bool = False,
-             channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             amp_dtype: str = "bfloat16", channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss and accuracy as 0-d device tensors. Never augments."""
     # Restore each module's own mode afterwards: frozen BatchNorm must stay in eval.
     modes = [m.training for m in model.modules()]
@@ -124,7 +132,7 @@ def evaluate(model: nn.Module, head: Head, data: Data, *, batch_size: int, amp: 
     for x, y in data.eval_batches(batch_size):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+        with _autocast(device, amp, amp_dtype):
             logits = model(x)
         logits = logits.float()
         loss_sum += head.loss(logits, y) * y.shape[0]
@@ -246,7 +254,8 @@ def standard_hooks(model: nn.Module, s: TrainSettings, device: torch.device) -> 
 
 def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tensor], object], data: Data,
                     optimizer: torch.optim.Optimizer, schedule: Schedule, s: TrainSettings, *,
-                    order: torch.Tensor, hooks: list[Hook], progress: "_NoProgress") -> dict[str, torch.Tensor]:
+                    order: torch.Tensor, hooks: list[Hook], progress: "_NoProgress",
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, torch.Tensor]:
     """One pass over ``data`` in ``order`` (a CPU permutation); the epoch's training loss, accuracy and
     hook metrics, as device scalars (nothing here waits for the device)."""
     device = data.device
@@ -256,12 +265,13 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
     seen = 0
     steps = steps_per_epoch(len(data), s.batch_size)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = scaler if scaler is not None else grad_scaler(s, device)
     for step, (x, y) in enumerate(data.train_batches(order, s.batch_size, steps)):
         for hook in hooks:
             x, y = hook.on_batch(x, y)
         if s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, s.amp):
+        with _autocast(device, s.amp, s.amp_dtype):
             logits, aux = _split_output(forward(x))
             logits = logits.float()
             loss = head.loss(logits, y, s.label_smoothing, weight=s.class_weight)
@@ -270,13 +280,15 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
         if step % s.accumulate == 0:
             optimizer.zero_grad(set_to_none=True)
         # Accumulation: each batch's loss counts 1/k of the step's (the last step of an epoch may have fewer).
-        (loss / s.accumulate if s.accumulate > 1 else loss).backward()
+        scaler.scale(loss / s.accumulate if s.accumulate > 1 else loss).backward()
         if (step + 1) % s.accumulate == 0 or step + 1 == steps:
             if s.clip_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
                 norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.clip_norm,
                                                       foreach=True)
                 largest_grad = torch.maximum(largest_grad, norm.detach())
-            optimizer.step()
+            scaler.step(optimizer)  # skipped when a scaled gradient overflowed
+            scaler.update()
             schedule.step_batch()
             for hook in hooks:
                 hook.after_step()
@@ -322,12 +334,15 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
     progress = _progress(total=s.epochs * steps_per_epoch(len(train), s.batch_size), desc=desc,
                          enabled=s.progress, epochs=s.epochs)
     augment = next((h for h in all_hooks if isinstance(h, AugmentHook)), None)
+    scaler = grad_scaler(s, device)
     start = 0
     if resume is not None:
         start = resume["epoch"] + 1
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         if ema is not None:
             ema.module.load_state_dict(resume["ema"])
         generator.set_state(resume["rng"]["order"])
@@ -360,9 +375,9 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
                 hook.on_epoch_start(epoch)
             order = torch.randperm(len(train), generator=generator)
             trained = train_one_epoch(model, head, forward, train, optimizer, schedule, s, order=order,
-                                      hooks=all_hooks, progress=progress)
+                                      hooks=all_hooks, progress=progress, scaler=scaler)
             val_loss, val_acc = evaluate(scored, head, val, batch_size=s.eval_batch_size, amp=s.amp,
-                                         channels_last=s.channels_last)
+                                         amp_dtype=s.amp_dtype, channels_last=s.channels_last)
             # The epoch's one host sync.
             metrics = {"train_loss": trained.pop("train_loss").item(), "train_acc": trained.pop("train_acc").item(),
                        "val_loss": val_loss.item(), "val_acc": val_acc.item(), "lr": optimizer.param_groups[0]["lr"]}
@@ -394,7 +409,7 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
             stop = stopper is not None and stopper.should_stop(metrics[stopper.monitor]) and epoch + 1 < s.epochs
             if save_last is not None and not stop and epoch + 1 < s.epochs:
                 save_last({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "schedule": schedule.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                           "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema else None,
                            "rng": {"order": generator.get_state(), "global": rng_state(),
                                    "augment": augment.generator.get_state() if augment else None},
                            "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state,
