@@ -23,11 +23,15 @@ setup: $(VENV)/.installed
 repro: setup  ## run the pipeline (dvc repro) on the default experiment
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 
+# Test files run in parallel (pytest-xdist), each file in one worker so that its shared fixtures run once.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: setup  ## the whole test suite, end-to-end tests included
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+	PATH="$(abspath $(BIN)):$$PATH" $(PYTEST)
 
 test-fast: setup  ## the suite without the slow end-to-end tests
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
+	PATH="$(abspath $(BIN)):$$PATH" $(PYTEST) -m "not slow"
 
 # The project's store (an exported MLFLOW_TRACKING_URI wins, as it does for runs), whatever the cwd of make.
 ui: setup  ## the MLflow UI on http://127.0.0.1:5000
