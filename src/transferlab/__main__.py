@@ -10,9 +10,10 @@ Examples::
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transferlab.config.schema import ExperimentConfig
@@ -45,6 +46,8 @@ def main() -> None:
     # The parser hydra.main uses (Hydra 1.3 keeps it internal): its flags and their values (-sc install=bash,
     # -c job, -p trainer) are not overrides, and the modes that only show something run no job.
     args = get_args_parser().parse_args(sys.argv[1:])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _torchrun_job(args)
     shows_only = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
     other_config = args.config_path or args.config_name or args.config_dir or args.experimental_rerun
     if not (shows_only or other_config):
@@ -123,6 +126,23 @@ def _validate_sweep(overrides: list[str], conf_dir: Path) -> None:
             check_tracking(cfg)
 
 
+def _torchrun_job(args: Any) -> None:
+    """Under ``torchrun`` every process runs the app as one job: rank 0's Hydra folder is the run's, and
+    the other ranks' Hydra folders go to a temporary directory (they write nothing the run keeps)."""
+    if args.multirun:
+        print("error: -m/--multirun under torchrun: a sweep runs its jobs one process each; start "
+              "torchrun once per experiment instead", file=sys.stderr)
+        raise SystemExit(2)
+    if int(os.environ.get("RANK", "0")) > 0:
+        import atexit
+        import shutil
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix=f"transferlab-rank{os.environ['RANK']}-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 def guarded_experiment(cfg: "DictConfig") -> float:  # noqa: F821
     from transferlab.cli import guarded
 
@@ -141,10 +161,13 @@ def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
     from transferlab.config.validate import load_config
     from transferlab.pipeline import run_pipeline, with_output_dir
 
+    from transferlab.training.distributed import broadcast, context
+    from transferlab.training.runtime import resolve_device
+
     exp = load_config(cfg)
     preflight(exp)  # again in the job: a sweeper that picks values as it goes (Optuna) was not pre-checked
     hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir)
+    out = Path(broadcast(hc.runtime.output_dir, context(resolve_device(exp.trainer.device))))  # torchrun: rank 0's
     tags = {"launcher": "hydra", "overrides": " ".join(hc.overrides.task) or "(none)"}
     if hc.mode == RunMode.MULTIRUN:
         from transferlab.tracking.sweep import finished_job, parent_run_id, record_finished_job

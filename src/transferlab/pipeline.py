@@ -10,15 +10,19 @@ distinct setting.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferlab.config.schema import ExperimentConfig, PathsConfig
+
+if TYPE_CHECKING:
+    from transferlab.training.distributed import Context
 
 
 def _digest(key: dict[str, Any]) -> str:
@@ -77,16 +81,24 @@ def with_output_dir(cfg: ExperimentConfig, output_dir: str | Path) -> Experiment
 
 
 def run_pipeline(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run every stage; return the MLflow run id, the validation metrics and the test accuracy."""
-    from transferlab.stages import evaluate, finetune
+    """Run every stage; return the MLflow run id, the validation metrics and the test accuracy.
 
+    Under torchrun every process runs this: the data is prepared once (the others wait on its lock), the
+    source task and fine-tuning train data-parallel, and rank 0 alone writes, logs and evaluates (the
+    others return without a run id or a test accuracy)."""
+    from transferlab.stages import evaluate, finetune
+    from transferlab.training.distributed import context
+    from transferlab.training.runtime import resolve_device
+
+    ctx = context(resolve_device(cfg.trainer.device))
     prepare_shared(cfg)
-    pretrain_shared(cfg)
+    pretrain_shared(cfg, ctx)
     run_id, result = finetune.run(cfg, tags=tags)
     best = result.history[result.best_epoch]
-    metrics = evaluate.run(cfg)
-    return {"run_id": run_id, "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
-            "test_acc": metrics["test_acc"]}
+    summary = {"run_id": run_id, "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"]}
+    if not ctx.main:
+        return summary
+    return {**summary, "test_acc": evaluate.run(cfg)["test_acc"]}
 
 
 def prepare_shared(cfg: ExperimentConfig) -> None:
@@ -105,7 +117,7 @@ def prepare_shared(cfg: ExperimentConfig) -> None:
             prepare.run(cfg)
 
 
-def pretrain_shared(cfg: ExperimentConfig) -> None:
+def pretrain_shared(cfg: ExperimentConfig, ctx: "Context | None" = None) -> None:
     """Write the run's ``paths.weights`` (and sidecar); for ``backbone.weights=source``, train the source
     task into ``paths.cache/weights/<pretrained_key>/`` unless it is there, then link the run's files to it.
 
@@ -113,25 +125,31 @@ def pretrain_shared(cfg: ExperimentConfig) -> None:
     weights. ``save_weights`` replaces the weights file, then the sidecar, each atomically: a complete
     sidecar means complete weights, and a job killed before it leaves nothing a later job would reuse. Other
     weight sources are not cached: loading given weights costs about what reading them from a cache would.
+    Under torchrun (``ctx``) rank 0 takes the lock and decides; every rank trains; rank 0 writes.
     """
     from filelock import FileLock
 
     from transferlab.models.weights import kind_of, weights_meta_path
     from transferlab.stages import pretrain
+    from transferlab.training.distributed import SINGLE, barrier, broadcast
 
+    ctx = ctx or SINGLE
     if kind_of(cfg.backbone.weights) != "source":
         pretrain.run(cfg)
+        barrier(ctx)  # the others read what rank 0 wrote
         return
     shared = Path(cfg.paths.cache) / "weights" / pretrained_key(cfg) / "backbone.safetensors"
     shared.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(shared.parent / ".lock"):
-        if shared.is_file() and weights_meta_path(shared).is_file():
+    with FileLock(shared.parent / ".lock") if ctx.main else contextlib.nullcontext():
+        if broadcast(shared.is_file() and weights_meta_path(shared).is_file(), ctx):
             print(f"pretrain: reusing {shared} (same pretraining setting)")
         else:
             pretrain.run(replace(cfg, paths=replace(cfg.paths, weights=str(shared))))
-        for source, target in ((shared, Path(cfg.paths.weights)),
-                               (weights_meta_path(shared), weights_meta_path(cfg.paths.weights))):
-            _link(source, target)
+        if ctx.main:
+            for source, target in ((shared, Path(cfg.paths.weights)),
+                                   (weights_meta_path(shared), weights_meta_path(cfg.paths.weights))):
+                _link(source, target)
+    barrier(ctx)
 
 
 def _link(source: Path, target: Path) -> None:

@@ -191,6 +191,7 @@ class TrainerConfig:
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
+    sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
     progress: bool = True
     num_threads: Optional[int] = None  # CPU threads; null = torch's default
     # Memory the training and validation images may occupy on the device (on a CPU run, in RAM), in MB;

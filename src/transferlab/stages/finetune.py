@@ -77,8 +77,14 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
                        backbone_state=read_weights_file(cfg.paths.weights), weights_source=cfg.paths.weights,
                        checkpoint=Path(cfg.paths.model) / BEST)
     cfg_in, cfg = cfg, t.cfg
-    save_spec(t.spec, cfg.paths.model)
     train, val = t.batches(data, "train"), t.batches(data, "val")
+    weights_hash = _file_hash(cfg.paths.weights)
+    # An interrupted run of this very setting continues, in its own MLflow run.
+    last = LastCheckpoint(cfg.paths.model, {"config": to_container(cfg), "data": data.meta.get("data_hash"),
+                                            "weights": weights_hash})
+    if not t.ctx.main:  # under torchrun, rank 0 logs and writes; this rank trains on its shard
+        return "", t.fit(train, val, desc="finetune", last=last)
+    save_spec(t.spec, cfg.paths.model)
     print(describe_groups(t.groups))
     print(f"finetune: data {_placement(t)} (trainer.memory_budget_mb)")
     if t.cfg.trainer.batch_size != cfg_in.trainer.batch_size:
@@ -86,12 +92,10 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
               f"{len(data.splits['train'])} training images, trainer.min_steps_per_epoch="
               f"{cfg_in.trainer.min_steps_per_epoch}")
 
-    weights_hash = _file_hash(cfg.paths.weights)
     run_tags = {"stage": "finetune", "backbone": cfg.backbone.name, "head": cfg.head.name,
                 **lineage_tags(data_hash=data.meta.get("data_hash"), weights_hash=weights_hash), **(tags or {})}
-    # An interrupted run of this very setting continues, in its own MLflow run.
-    last = LastCheckpoint(cfg.paths.model, {"config": to_container(cfg), "data": data.meta.get("data_hash"),
-                                            "weights": weights_hash})
+    if t.ctx.enabled:
+        run_tags["processes"] = str(t.ctx.world)
     previous = last.load()
     with open_run(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
                   run_id=previous["extra"]["run_id"] if previous else None, tags=run_tags) as tracker:

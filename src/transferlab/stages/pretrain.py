@@ -22,6 +22,7 @@ from transferlab.models.weights import (
 )
 from transferlab.config.params import to_container
 from transferlab.training.build import build_training, source_task_config
+from transferlab.training.distributed import context
 from transferlab.training.resume import LastCheckpoint
 from transferlab.training.runtime import configure_threads, resolve_device, seed_everything
 
@@ -76,6 +77,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
             if keys:
                 print(f"pretrain: {label} keys: {keys[:10]}{' ...' if len(keys) > 10 else ''}")
     meta["input_size"] = cfg.backbone.input_size
+    if not context().main:  # under torchrun, rank 0 writes
+        return meta
     save_weights(cfg.paths.weights, backbone, meta)
     LastCheckpoint(cfg.paths.weights, None).remove()  # the source task's, if it ran (keyed by the output)
     print(f"pretrain: wrote {cfg.paths.weights} ({kind}, input size {cfg.backbone.input_size} px)")

@@ -32,11 +32,17 @@ class Batches:
 
     images: torch.Tensor  # uint8 [N, C, H, W], on the device
     labels: torch.Tensor  # int64 [N], on the device
+    total: int | None = None  # under torchrun, these are one rank's shard of a split of this many images
 
     placement = "resident"
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def split_len(self) -> int:
+        """The whole split's size (the shard's own where there are no shards)."""
+        return len(self) if self.total is None else self.total
 
     @property
     def device(self) -> torch.device:
@@ -60,13 +66,19 @@ class StreamedBatches:
 
     placement = "stream"
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, *,
+                 total: int | None = None) -> None:
         self.images = images  # uint8 [N, C, H, W], on the host
         self.labels = labels.to(device)  # small: resident
         self._device = torch.device(device)
+        self.total = total  # as Batches.total
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def split_len(self) -> int:
+        return len(self) if self.total is None else self.total
 
     @property
     def device(self) -> torch.device:

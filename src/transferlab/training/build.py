@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
+from transferlab.errors import ConfigError
 from transferlab.config.schema import (
     AugmentConfig, ExperimentConfig, HeadConfig, RegularisationConfig, TrainerConfig,
 )
@@ -27,6 +28,7 @@ from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_
 from transferlab.training.batches import (
     Batches, StreamedBatches, memory_budget, place_splits, split_bytes,
 )
+from transferlab.training.distributed import Context, context, device_for, local_batch_size, shard_indices
 from transferlab.training.loop import (
     EarlyStopping, EpochCallback, FitResult, Hook, TrainSettings, fit, steps_per_epoch,
 )
@@ -49,15 +51,22 @@ class Training:
     settings: TrainSettings
     device: torch.device
     placement: dict[str, str]  # train/val: resident on the device, or streamed to it
+    ctx: Context  # torchrun's processes (one without torchrun)
 
     def batches(self, data: PreparedData, split: str) -> Batches | StreamedBatches:
-        """A split of ``data`` for the loop: a uint8 copy resident on the device, or streamed to it."""
+        """A split of ``data`` for the loop: a uint8 copy resident on the device, or streamed to it; under
+        torchrun, only this rank's shard of it."""
         s = data.splits[split]
+        images, labels = s.images, s.labels
+        total = None
+        if self.ctx.enabled:
+            shard = shard_indices(len(labels), self.ctx)
+            images, labels, total = images[shard], labels[shard], len(labels)
         if self.placement.get(split, "resident") == "stream":
-            return StreamedBatches(s.images, s.labels, self.device)
+            return StreamedBatches(images, labels, self.device, total=total)
         # A fresh copy even on the CPU: the prepared images may be memory-mapped.
-        images = torch.empty(s.images.shape, dtype=s.images.dtype, device=self.device).copy_(s.images)
-        return Batches(images, s.labels.to(self.device))
+        resident = torch.empty(images.shape, dtype=images.dtype, device=self.device).copy_(images)
+        return Batches(resident, labels.to(self.device), total=total)
 
     def fit(self, train: Batches | StreamedBatches, val: Batches | StreamedBatches, *,
             on_epoch_end: EpochCallback | None = None, desc: str = "train", hooks: list[Hook] | None = None,
@@ -67,7 +76,8 @@ class Training:
         resume = last.load() if last is not None else None
         if resume is not None:
             print(f"{desc}: resuming after epoch {resume['epoch'] + 1} from {last.path}")  # type: ignore[union-attr]
-        save = (lambda state: last.save({**state, "extra": extra or {}})) if last is not None else None
+        save = ((lambda state: last.save({**state, "extra": extra or {}}))
+                if last is not None and self.ctx.main else None)
         return fit(self.model, self.model.head, train, val, self.optimizer, self.schedule, self.settings,
                    on_epoch_end=on_epoch_end, desc=desc, hooks=hooks, resume=resume, save_last=save)
 
@@ -81,10 +91,13 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
 
     ``weights_meta``: the initial weights' metadata (input size, normalisation);
     ``backbone_state``: their tensors, loaded into the backbone (named ``weights_source`` in errors).
+    Under torchrun each process builds the same (:mod:`transferlab.training.distributed`); rank 0 alone
+    writes ``checkpoint``.
     """
     from transferlab.models.weights import load_backbone_state
 
-    device = torch.device(device)
+    ctx = context(torch.device(device))
+    device = device_for(torch.device(device), ctx)
     cfg = replace(cfg, trainer=replace(cfg.trainer, batch_size=batch_size_for(cfg.trainer, len(data.splits["train"]))))
     placement = plan_placement(cfg, data, device)
     spec = ModelSpec.decide(cfg, class_names=data.class_names, data_channels=data.channels,
@@ -92,6 +105,11 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
                             weights_meta=dict(weights_meta or {}))
     cfg = replace(cfg, backbone=spec.backbone)
     model, backbone = build_model(spec)
+    if cfg.trainer.sync_batchnorm and ctx.enabled:
+        if device.type != "cuda":
+            raise ConfigError("trainer.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; this torchrun "
+                              f"job trains on {device.type}")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the top module
     if backbone_state is not None:
         load_backbone_state(backbone, backbone_state, source=weights_source)
     f = cfg.regularisation.freeze
@@ -107,25 +125,27 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(groups, cfg.optimizer)
-    batches = steps_per_epoch(len(data.splits["train"]), t.batch_size)
+    local_batch = local_batch_size(t.batch_size, ctx)
+    batches = steps_per_epoch(len(data.splits["train"]), t.batch_size, ctx)
     schedule = Schedule(optimizer, cfg.scheduler, epochs=t.epochs,
                         steps_per_epoch=math.ceil(batches / t.accumulate_grad_batches))  # optimiser steps
     mn, es = cfg.regularisation.max_norm, t.early_stopping
     settings = TrainSettings(
-        epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, monitor=t.monitor,
+        epochs=t.epochs, batch_size=local_batch, ctx=ctx, eval_batch_size=t.eval_batch_size, monitor=t.monitor,
         label_smoothing=cfg.regularisation.label_smoothing, aux_loss_weight=t.aux_loss_weight,
         max_norm=mn.value if mn.enabled else None,
         max_norm_weights=max_norm_weights(model, list(mn.layers)) if mn.enabled else [],
         frozen_norms=frozen_norm_layers(model, plan.frozen), frozen=plan.frozen,
         head_only_epochs=f.head_only_epochs, amp=t.amp, amp_dtype=t.amp_dtype, channels_last=t.channels_last, compile=t.compile,
-        progress=t.progress, seed=cfg.seed, checkpoint=checkpoint,
+        progress=t.progress, seed=cfg.seed, checkpoint=checkpoint if ctx.main else None,
         augment=create_augment(cfg.augment, size=spec.input_size, num_classes=spec.num_classes),
         class_weight=class_weights(data.splits["train"].labels.to(device), spec.num_classes, t.class_weight),
         accumulate=t.accumulate_grad_batches, clip_norm=t.gradient_clip_val,
         early_stopping=EarlyStopping(monitor=es.monitor or t.monitor, patience=es.patience,
                                      min_delta=es.min_delta) if es.enabled else None,
         ema_decay=t.ema.decay if t.ema.enabled else None, ema_start_epoch=t.ema.start_epoch)
-    return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device, placement)
+    return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device, placement,
+                    ctx)
 
 
 def batch_size_for(t: TrainerConfig, n_train: int) -> int:

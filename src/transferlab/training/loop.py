@@ -25,6 +25,7 @@ from torch import nn
 from transferlab.models.heads import Head
 from transferlab.training.augment import Augment
 from transferlab.training.batches import Batches, StreamedBatches
+from transferlab.training.distributed import SINGLE, Context, all_sum, local_order, wrap
 from transferlab.training.freezing import set_backbone_trainable, set_train_mode
 from transferlab.training.maxnorm import apply_max_norm
 from transferlab.training.optim import Schedule
@@ -61,6 +62,7 @@ class TrainSettings:
     ema_decay: float | None = None  # evaluate and keep an exponential moving average of the weights
     ema_start_epoch: int = 0
     checkpoint: Path | None = None  # the best state dict goes here
+    ctx: Context = SINGLE  # torchrun's processes (batch_size is then this rank's share of the global batch)
 
 
 @dataclass
@@ -121,8 +123,9 @@ Data = Batches | StreamedBatches
 
 @torch.no_grad()
 def evaluate(model: nn.Module, head: Head, data: Data, *, batch_size: int, amp: bool = False,
-             amp_dtype: str = "bfloat16", channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss and accuracy as 0-d device tensors. Never augments."""
+             amp_dtype: str = "bfloat16", channels_last: bool = False,
+             ctx: Context = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss and accuracy as 0-d device tensors (over every rank's shard). Never augments."""
     # Restore each module's own mode afterwards: frozen BatchNorm must stay in eval.
     modes = [m.training for m in model.modules()]
     model.eval()
@@ -139,7 +142,8 @@ def evaluate(model: nn.Module, head: Head, data: Data, *, batch_size: int, amp: 
         hits += (head.predict(logits) == y).sum()
     for module, mode in zip(model.modules(), modes):
         module.training = mode
-    n = max(len(data), 1)
+    loss_sum, hits, n = all_sum([loss_sum, hits, torch.tensor(float(len(data)), device=device)], ctx)
+    n = n.clamp(min=1)
     return loss_sum / n, hits.double() / n
 
 
@@ -150,7 +154,10 @@ def save_atomic(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
+def steps_per_epoch(n: int, batch_size: int, ctx: Context = SINGLE) -> int:
+    """Batches per epoch over a split of ``n`` at a global ``batch_size``; under torchrun, what every rank
+    takes from its shard (at least ``n // world`` images, ``batch_size // world`` at a time)."""
+    n, batch_size = n // ctx.world, batch_size // ctx.world
     steps = math.ceil(n / batch_size)
     if n % batch_size == 1 and steps > 1:
         steps -= 1  # a last batch of one breaks BatchNorm in training mode
@@ -181,7 +188,7 @@ class AugmentHook(Hook):
 
     def __init__(self, augment: Augment, *, seed: int, device: torch.device) -> None:
         self.augment = augment
-        self.generator = torch.Generator(device).manual_seed(seed + AUGMENT_SEED_OFFSET)
+        self.generator = torch.Generator(device).manual_seed(seed + AUGMENT_SEED_OFFSET)  # seed: + rank
 
     def on_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.augment(x, y, self.generator)
@@ -243,7 +250,7 @@ def standard_hooks(model: nn.Module, s: TrainSettings, device: torch.device) -> 
     """The hooks that ``settings`` asks for, in the order they run."""
     hooks: list[Hook] = []
     if s.augment is not None:
-        hooks.append(AugmentHook(s.augment, seed=s.seed, device=device))
+        hooks.append(AugmentHook(s.augment, seed=s.seed + s.ctx.rank, device=device))
     if s.max_norm is not None:
         frozen_ids = {id(p) for name, p in model.named_parameters() if name in s.frozen}
         hooks.append(MaxNormHook(s.max_norm_weights, s.max_norm, frozen_ids=frozen_ids, device=device))
@@ -263,7 +270,7 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
     hits = torch.zeros((), device=device, dtype=torch.long)
     largest_grad = torch.zeros((), device=device)
     seen = 0
-    steps = steps_per_epoch(len(data), s.batch_size)
+    steps = steps_per_epoch(data.split_len, s.batch_size * s.ctx.world, s.ctx)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = scaler if scaler is not None else grad_scaler(s, device)
     for step, (x, y) in enumerate(data.train_batches(order, s.batch_size, steps)):
@@ -296,6 +303,7 @@ def train_one_epoch(model: nn.Module, head: Head, forward: Callable[[torch.Tenso
         hits += head.hits(logits.detach(), y)  # soft (mixed) targets count against their dominant class
         seen += y.shape[0]
         progress.update(1)
+    loss_sum, hits, seen = all_sum([loss_sum, hits, torch.tensor(float(seen), device=device)], s.ctx)
     metrics = {"train_loss": loss_sum / seen, "train_acc": hits.double() / seen}
     if s.clip_norm is not None:
         metrics["grad_norm"] = largest_grad  # the largest before clipping
@@ -320,7 +328,11 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
     """
     s = settings
     device = train.device
-    forward = torch.compile(model) if s.compile else model
+
+    def make_forward() -> Callable[[torch.Tensor], object]:
+        net = wrap(model, s.ctx, device)  # DDP under torchrun, over the parameters that train now
+        return torch.compile(net) if s.compile else net
+
     generator = torch.Generator().manual_seed(s.seed)  # the batch order
     all_hooks = [*standard_hooks(model, s, device), *(hooks or [])]
     ema = next((h for h in all_hooks if isinstance(h, EmaHook)), None)
@@ -331,8 +343,8 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
     best_value, best_epoch = -math.inf if maximise else math.inf, -1
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
-    progress = _progress(total=s.epochs * steps_per_epoch(len(train), s.batch_size), desc=desc,
-                         enabled=s.progress, epochs=s.epochs)
+    progress = _progress(total=s.epochs * steps_per_epoch(train.split_len, s.batch_size * s.ctx.world, s.ctx),
+                         desc=desc, enabled=s.progress and s.ctx.main, epochs=s.epochs)
     augment = next((h for h in all_hooks if isinstance(h, AugmentHook)), None)
     scaler = grad_scaler(s, device)
     start = 0
@@ -355,15 +367,20 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
             stopper.best, stopper.waited = resume["stopper"]
         if s.checkpoint is not None and best_state is not None:
             save_atomic(best_state, s.checkpoint)  # an output folder emptied since (DVC) gets it back
-        progress.update(start * steps_per_epoch(len(train), s.batch_size))
+        progress.update(start * steps_per_epoch(train.split_len, s.batch_size * s.ctx.world, s.ctx))
     staged = s.head_only_epochs > 0
     if staged:
         set_backbone_trainable(model, start >= s.head_only_epochs, keep_frozen=s.frozen)
+    forward = make_forward()
+    if s.ctx.enabled:  # DDP gave every rank rank 0's weights; dropout now draws apart per rank
+        torch.manual_seed(s.seed + s.ctx.rank)
     try:
         for epoch in range(start, s.epochs):
             share_threads()
             if staged and epoch == s.head_only_epochs:
                 set_backbone_trainable(model, True, keep_frozen=s.frozen)
+                if s.ctx.enabled:  # DDP reduces the gradients of the parameters that trained when it was built
+                    forward = make_forward()
             set_train_mode(model, s.frozen_norms)
             if staged and epoch < s.head_only_epochs:
                 # The backbone is not trained yet: keep its BatchNorm stats too.
@@ -373,11 +390,11 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
                         module.eval()
             for hook in all_hooks:
                 hook.on_epoch_start(epoch)
-            order = torch.randperm(len(train), generator=generator)
+            order = local_order(torch.randperm(train.split_len, generator=generator), s.ctx)
             trained = train_one_epoch(model, head, forward, train, optimizer, schedule, s, order=order,
                                       hooks=all_hooks, progress=progress, scaler=scaler)
             val_loss, val_acc = evaluate(scored, head, val, batch_size=s.eval_batch_size, amp=s.amp,
-                                         amp_dtype=s.amp_dtype, channels_last=s.channels_last)
+                                         amp_dtype=s.amp_dtype, channels_last=s.channels_last, ctx=s.ctx)
             # The epoch's one host sync.
             metrics = {"train_loss": trained.pop("train_loss").item(), "train_acc": trained.pop("train_acc").item(),
                        "val_loss": val_loss.item(), "val_acc": val_acc.item(), "lr": optimizer.param_groups[0]["lr"]}
