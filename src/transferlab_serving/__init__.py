@@ -103,7 +103,7 @@ class ImageClassifier:
         return torch.cat(chunks) if chunks else torch.zeros(0, len(self.class_names))
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        images = torch.as_tensor(np.asarray(model_input))
+        images = torch.from_numpy(np.array(model_input))  # a copy: the input may be read-only
         return prediction_frame(self.probabilities(images).numpy(), self.class_names)
 
 

@@ -7,6 +7,10 @@ with ``weights_only=True``) rather than from unpickling a logged model. The
 same checkpoint and its model spec make the trained model for an export
 (:func:`download_trained`); :func:`register_model` puts a run's logged model
 in the registry under an alias.
+
+The trained model goes out as an MLflow model (:func:`log_model`): a
+``torch.export`` program with the ``pytorch`` flavour and a pyfunc flavour of
+our own (:mod:`transferlab_serving`), which :func:`load_logged_model` shares.
 """
 
 from __future__ import annotations
@@ -124,6 +128,7 @@ def log_model(model: FineTuneModel, example: torch.Tensor, spec: dict[str, Any])
     from mlflow.models import Model, infer_signature
 
     model.eval()
+    uri = f"runs:/{mlflow.active_run().info.run_id}/model"
     try:
         program = export_serving(model, side=int(spec["stored_size"]))
     except Exception as err:  # torch.export does not cover every model
@@ -132,6 +137,7 @@ def log_model(model: FineTuneModel, example: torch.Tensor, spec: dict[str, Any])
     else:
         Model.log(artifact_path=None, name="model", flavor=sys.modules[__name__], program=program,
                   example=example.numpy(), spec=spec)
+        print(f"tracking: logged the model as {uri}")
         return "pt2"
     served = ServingModel(model).eval()
     with torch.no_grad():
@@ -139,6 +145,7 @@ def log_model(model: FineTuneModel, example: torch.Tensor, spec: dict[str, Any])
     mlflow.pytorch.log_model(served, name="model", signature=infer_signature(example.numpy(), probabilities),
                              input_example=example.numpy(), metadata=metadata(spec),
                              pip_requirements=[*requirements(), "transferlab"], serialization_format="pickle")
+    print(f"tracking: logged the model as {uri} (a pickle: loading it needs transferlab)")
     return "pickle"
 
 
