@@ -166,7 +166,11 @@ def test_mlflow_models_serve_answers_with_class_names(logged) -> None:
         answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": images.tolist()})
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: the session it leads
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
     rows = answer["predictions"]
     assert [list(r) for r in rows] == [COLUMNS] * len(images)
     mlflow.set_tracking_uri(store)
@@ -214,3 +218,33 @@ def test_serving_preprocessing_is_trainings_on_the_stored_images(data_channels: 
         assert torch.equal(served(images), model.head.probabilities(model(images)))
         other = torch.randint(0, 256, (1, 4 - data_channels, 7, 31), dtype=torch.uint8)
         assert served(other).shape == (1, 3)
+
+
+class _DataDependent(torch.nn.Module):
+    """A backbone whose control flow depends on the pixels: torch.export cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) if x.sum() > 0 else -x.flatten(1)
+
+
+def test_a_model_torch_export_cannot_trace_is_logged_as_a_pickle(logged, monkeypatch) -> None:
+    """It still predicts probabilities through the same loader (with pickles allowed, and this package).
+    (A new run in the fixture's store: creating a store costs seconds.)"""
+    import mlflow
+
+    from transferlab.models.assemble import FineTuneModel, Preprocess, ServingModel
+    from transferlab.models.heads import create_head
+    from transferlab.tracking.models import load_logged_model, log_model
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    head = create_head("linear", in_features=64, num_classes=2, hidden=[], activations=[], dropouts=[])
+    model = FineTuneModel(Preprocess(1, 1, 8, [0.4], [0.3]), _DataDependent(), head).eval()
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    store = logged[1]
+    mlflow.set_tracking_uri(store)
+    with mlflow.start_run() as run, pytest.warns(UserWarning, match="torch.export failed"):
+        assert log_model(model, images, {"class_names": ["a", "b"], "stored_size": 8}) == "pickle"
+    module, spec = load_logged_model(f"runs:/{run.info.run_id}/model", uri=store, device=torch.device("cpu"))
+    assert spec["class_names"] == ["a", "b"]
+    with torch.no_grad():
+        assert torch.equal(module(images), ServingModel(model)(images))
