@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from transferlab.errors import ConfigError, DataError, WeightsError
-from transferlab_serving import PREDICTED, ImageClassifier, probability_column
 from transferlab.models.assemble import SPEC_FILE, ModelSpec
+from transferlab_serving import PREDICTED, ImageClassifier, probability_column
 
 DEFAULT_OUT = "predictions.csv"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
