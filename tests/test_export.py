@@ -110,7 +110,8 @@ def test_export_of_a_runs_uri(trained) -> None:
 def test_preprocessing_that_resizes_and_crops_exports_within_tolerance(tmp_path: Path, head: str,
                                                                        classes: list[str]) -> None:
     """Grey images stored at 20 px, resized (antialiased) to 14, centre-cropped to 12, fed to an RGB backbone;
-    a binary head's single logit comes out as the two classes' probabilities."""
+    a binary head's single logit comes out as the two classes' probabilities. Images of other sizes and
+    channel counts go through the ONNX model as through PyTorch."""
     from transferlab.config.schema import BackboneConfig, ExperimentConfig, HeadConfig
     from transferlab.export import TOLERANCE, export_onnx, max_difference
     from transferlab.models.assemble import ModelSpec, build_model
@@ -123,13 +124,14 @@ def test_preprocessing_that_resizes_and_crops_exports_within_tolerance(tmp_path:
     model, _ = build_model(spec)
     model.eval()
     assert model.head.binary == (head == "binary")
-    export_onnx(model, spec, tmp_path / "m.onnx", size=20)
-    images = torch.randint(0, 256, (9, 1, 20, 20), dtype=torch.uint8)
-    assert max_difference(model, tmp_path / "m.onnx", images) <= TOLERANCE
+    export_onnx(model, spec, tmp_path / "m.onnx")
+    for shape in ((9, 1, 20, 20), (1, 1, 20, 20), (2, 3, 20, 20), (3, 1, 31, 9), (2, 3, 8, 8)):
+        images = torch.randint(0, 256, shape, dtype=torch.uint8)
+        assert max_difference(model, tmp_path / "m.onnx", images) <= TOLERANCE, shape
     import onnxruntime
 
     probs = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(["probabilities"], {"images": images.numpy()})[0]
-    assert probs.shape == (9, len(classes))
+    assert probs.shape == (2, len(classes))
 
 
 def test_a_missing_exporter_names_the_extra() -> None:

@@ -4,9 +4,9 @@ MODEL is a model folder (``best.pt`` beside ``model_spec.json``: ``models/`` aft
 MLflow model URI (``runs:/<id>/model``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``) in the
 store ``--tracking-uri`` (an exported ``MLFLOW_TRACKING_URI`` wins, as everywhere).
 
-The ONNX model takes raw uint8 images ``images [N, C, S, S]`` (any batch size N; C and S the channels and
-side of the stored images the model was trained on) and returns class probabilities
-``probabilities [N, classes]``: preprocessing included, as in the PyTorch model. Its ``metadata_props``
+The ONNX model takes raw uint8 images ``images [N, C, H, W]`` (any batch size and size, C 1 or 3) and
+returns class probabilities ``probabilities [N, classes]``: preprocessing included, as in the PyTorch
+model (:class:`~transferlab.models.assemble.ServingModel`, what MLflow logs). Its ``metadata_props``
 carry the class names (``class_names``, a JSON list, in output order) and the model spec (``model_spec``,
 JSON).
 
@@ -27,28 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from transferlab.cli import guarded
 from transferlab.errors import DataError, ExportError
-from transferlab.models.assemble import FineTuneModel, ModelSpec, load_spec
+from transferlab.models.assemble import FineTuneModel, ModelSpec, ServingModel, load_spec, serving_trace
 from transferlab.models.weights import MLFLOW_SCHEMES
 
 TOLERANCE = 1e-4
 DEFAULT_CHECK_DATA = "data/prepared/target"
 EXTRA = "pip install 'transferlab[export]'"
-
-
-class Probabilities(nn.Module):
-    """The trained model with its head's class probabilities as output: one output form for every head
-    (a binary head's single logit becomes the two classes' probabilities)."""
-
-    def __init__(self, model: FineTuneModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.head.probabilities(self.model(images))
 
 
 def require(*modules: str) -> None:
@@ -73,40 +60,34 @@ def load_model(model: str, *, uri: str) -> tuple[FineTuneModel, ModelSpec]:
     return load_trained(model), load_spec(model)
 
 
-def export_onnx(model: FineTuneModel, spec: ModelSpec, path: str | Path, *, size: int) -> None:
-    """Write ``model`` (probabilities out) to ``path``, batch dimension dynamic, spec in the metadata.
+def export_onnx(model: FineTuneModel, spec: ModelSpec, path: str | Path) -> None:
+    """Write ``model``'s :class:`ServingModel` to ``path``, every input dimension dynamic, spec in the metadata.
 
     The dynamo exporter (``torch.export``): the TorchScript one cannot convert the antialiased resize
-    that preprocessing applies to images stored larger than the model's resize size
-    (``aten::_upsample_bilinear2d_aa``), and is deprecated.
+    that preprocessing applies (``aten::_upsample_bilinear2d_aa``), and is deprecated.
     """
-    example = torch.zeros(2, spec.data_channels, size, size, dtype=torch.uint8)
-    program = torch.onnx.export(Probabilities(model).eval(), (example,), dynamo=True, verbose=False,
+    example, dims = serving_trace(spec.stored_size)
+    program = torch.onnx.export(ServingModel(model).eval(), (example,), dynamo=True, verbose=False,
                                 input_names=["images"], output_names=["probabilities"],
-                                dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+                                dynamic_shapes={"images": dims})
     program.model.metadata_props.update({
         "class_names": json.dumps(spec.class_names),
         "model_spec": json.dumps(spec.to_dict()),
-        "input": f"images: uint8 [N, {spec.data_channels}, {size}, {size}], raw pixel values 0..255",
+        "input": "images: uint8 [N, C, H, W], C 1 or 3, any N, H and W; raw pixel values 0..255",
         "output": "probabilities: float32 [N, classes], in the order of class_names",
     })
     program.save(str(path))
 
 
-def check_images(folder: str | Path, spec: ModelSpec, *, size: int) -> torch.Tensor:
-    """The test images of prepared data ``folder``, refused unless they fit the exported input."""
+def check_images(folder: str | Path, spec: ModelSpec) -> torch.Tensor:
+    """The test images of prepared data ``folder``, refused unless they are of the model's classes."""
     from transferlab.data import load_prepared
 
     data = load_prepared(Path(folder))
     if data.class_names != spec.class_names:
         raise DataError(f"--check {folder}: the prepared data has classes {data.class_names}, the model "
                         f"{spec.class_names}")
-    images = data.splits["test"].images
-    expected = (spec.data_channels, size, size)
-    if tuple(images.shape[1:]) != expected:
-        raise DataError(f"--check {folder}: test images are {list(images.shape[1:])} (C, H, W), the "
-                        f"exported model takes {list(expected)}")
-    return images
+    return data.splits["test"].images
 
 
 @torch.no_grad()
@@ -115,7 +96,7 @@ def max_difference(model: FineTuneModel, path: str | Path, images: torch.Tensor,
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    reference = Probabilities(model).eval()
+    reference = ServingModel(model).eval()
     worst = 0.0
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].contiguous()
@@ -133,29 +114,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the ONNX file to write")
     parser.add_argument("--check", nargs="?", const=DEFAULT_CHECK_DATA, default=None, metavar="PREPARED",
                         help=f"compare with PyTorch on this prepared data's test split (default {DEFAULT_CHECK_DATA})")
-    parser.add_argument("--size", type=int, default=None,
-                        help="side of the input images (default: the stored images' side the model spec records)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
                         help="the MLflow store of a runs:/ or models:/ MODEL (default sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
 
     def run() -> None:
         require("onnx", "onnxscript", *(["onnxruntime"] if args.check else []))
-        if args.size is not None and args.size < 1:
-            raise ExportError(f"--size must be >= 1, got {args.size}")
         if args.check and not Path(args.check).is_dir():
             raise DataError(f"--check {args.check}: no such folder of prepared data (run the prepare stage)")
         model, spec = load_model(args.model, uri=args.tracking_uri)
-        size = args.size or spec.stored_size
-        if size is None:
-            raise ExportError(f"the model spec of {args.model} does not record the stored images' size (it "
-                              "predates that field): pass --size <side of the prepared images>")
-        images = check_images(args.check, spec, size=size) if args.check else None
+        images = check_images(args.check, spec) if args.check else None
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
-            export_onnx(model, spec, tmp, size=size)
+            export_onnx(model, spec, tmp)
             if images is not None:
                 diff = max_difference(model, tmp, images)
                 print(f"export: onnxruntime vs PyTorch on {images.shape[0]} test images of {args.check}: "
@@ -167,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
-        print(f"export: wrote {out} (input images uint8 [N, {spec.data_channels}, {size}, {size}], output "
+        print(f"export: wrote {out} (input images uint8 [N, C, H, W], C 1 or 3, any size; output "
               f"probabilities of {spec.class_names})")
 
     guarded(run)

@@ -19,7 +19,7 @@ import argparse
 import csv
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ import torch
 
 from transferlab.errors import ConfigError, DataError, WeightsError
 from transferlab.models.assemble import SPEC_FILE, ModelSpec
+from transferlab_serving import PREDICTED, ImageClassifier, probability_column
 
 DEFAULT_OUT = "predictions.csv"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -36,15 +37,11 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 @dataclass
 class LoadedModel:
-    """A trained model on its device: raw uint8 images in, the head's output out, and its spec."""
+    """A trained model on its device (raw uint8 images in, class probabilities out, as the logged
+    model's pyfunc predicts), and its spec."""
 
-    module: Callable[[torch.Tensor], torch.Tensor]
+    classifier: ImageClassifier
     spec: ModelSpec
-    device: torch.device
-
-    @property
-    def binary(self) -> bool:
-        return self.spec.head.name == "binary"
 
 
 @dataclass
@@ -61,17 +58,20 @@ def load_model(model: str, *, device: torch.device, tracking_uri: str) -> Loaded
     """The model MODEL names: a pipeline model folder, a logged model's URI or a local MLflow model."""
     path = Path(model)
     if path.is_dir() and (path / SPEC_FILE).is_file():
-        from transferlab.models.assemble import load_spec
+        from transferlab.models.assemble import ServingModel, load_spec
         from transferlab.stages.evaluate import load_trained
 
-        return LoadedModel(load_trained(path).to(device), load_spec(path), device)
-    if path.is_dir() or model.startswith(("runs:/", "models:/")):
+        spec = load_spec(path)
+        module = ServingModel(load_trained(path)).to(device)
+    elif path.is_dir() or model.startswith(("runs:/", "models:/")):
         from transferlab.tracking.models import load_logged_model
 
-        module, spec = load_logged_model(model, uri=tracking_uri, device=device)
-        return LoadedModel(module, ModelSpec.from_dict(spec), device)
-    raise WeightsError(f"MODEL '{model}' is neither a model folder (with {SPEC_FILE} and best.pt, or an MLflow "
-                       "model's MLmodel) nor runs:/<run id>/model, models:/<name>/<version> or models:/<name>@<alias>")
+        module, spec_dict = load_logged_model(model, uri=tracking_uri, device=device)
+        spec = ModelSpec.from_dict(spec_dict)
+    else:
+        raise WeightsError(f"MODEL '{model}' is neither a model folder (with {SPEC_FILE} and best.pt, or an MLflow "
+                           "model's MLmodel) nor runs:/<run id>/model, models:/<name>/<version> or models:/<name>@<alias>")
+    return LoadedModel(ImageClassifier(module, spec.class_names, device), spec)
 
 
 def find_images(paths: Sequence[str]) -> tuple[list[Path], int]:
@@ -123,12 +123,10 @@ def _decoded_batches(files: list[Path], *, size: int, channels: int, batch_size:
         yield [future.result() for future in current]
 
 
-@torch.no_grad()
 def predict_files(model: LoadedModel, files: list[Path], *, batch_size: int,
                   workers: int | None = None) -> Iterator[Prediction]:
     """Each file's prediction, in order; a file that cannot be read gets its error instead."""
     from transferlab.data.sources import Progress, decode_workers
-    from transferlab.models.heads import class_probabilities, predicted_classes
 
     spec = model.spec
     progress = Progress(len(files), desc="predict")
@@ -138,17 +136,15 @@ def predict_files(model: LoadedModel, files: list[Path], *, batch_size: int,
                                        batch_size=batch_size, pool=pool)
             for start, decoded in zip(range(0, len(files), batch_size), batches):
                 images = [d for d in decoded if not isinstance(d, str)]
-                classes: Iterator[int] = iter(())
                 probs: Iterator[np.ndarray] = iter(())
                 if images:
-                    logits = model.module(torch.from_numpy(np.stack(images)).to(model.device))
-                    classes = iter(predicted_classes(logits, binary=model.binary).tolist())
-                    probs = iter(class_probabilities(logits, binary=model.binary).cpu().numpy())
+                    probs = iter(model.classifier.probabilities(torch.from_numpy(np.stack(images))).numpy())
                 for file, d in zip(files[start:start + batch_size], decoded):
                     if isinstance(d, str):
                         yield Prediction(file, error=d)
                     else:
-                        yield Prediction(file, spec.class_names[next(classes)], next(probs))
+                        p = next(probs)
+                        yield Prediction(file, spec.class_names[int(p.argmax())], p)
                 progress.update(len(decoded))
     finally:
         progress.close()
@@ -164,7 +160,7 @@ def write_predictions(predictions: Iterator[Prediction], class_names: list[str],
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "predicted", *(f"prob_{name}" for name in class_names), "error"])
+        writer.writerow(["path", PREDICTED, *map(probability_column, class_names), "error"])
         for p in predictions:
             if p.error is not None:
                 print(f"predict: skipped {p.error}", file=sys.stderr)

@@ -34,6 +34,12 @@ class Preprocess(nn.Module):
 
     As torchvision's eval transforms (resize 256, crop 224): images stored larger than the input
     are centre-cropped, smaller ones are resized up. ``resize`` defaults to ``size`` (no crop).
+
+    ``forward`` takes the stored images (``in_channels``, square) and skips the resize when they
+    already have the size it would give (training's fast path); :meth:`serve` takes images of any
+    size in 1 or 3 channels and always resizes, without a branch on the input's shape, so that
+    ``torch.export`` keeps the batch, channels, height and width dynamic. On the stored images both
+    give the same pixels: a resize to the size an image already has is the identity.
     """
 
     def __init__(self, in_channels: int, out_channels: int, size: int, mean: list[float], std: list[float],
@@ -60,13 +66,38 @@ class Preprocess(nn.Module):
         h, w = x.shape[-2], x.shape[-1]
         if (h, w) != (self.size, self.size):  # an input already at the crop size (augmented) passes as it is
             if (h, w) != (self.resize, self.resize):
-                # Antialiased like the prepare-time resize, so shrinking at train time does not alias either.
-                x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False,
-                                  antialias=True)
-            if self.resize != self.size:
-                top = (self.resize - self.size) // 2
-                x = x[..., top:top + self.size, top:top + self.size]
+                x = self._resize(x)
+            x = self._crop(x)
         return (x - self.mean) / self.std
+
+    def serve(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, C, H, W]`` of any size, ``C`` 1 or 3: the centre square (as ``prepare`` keeps
+        it), resized and cropped like the stored images. Channels are converted by indexing and
+        weighting instead of branching: grey to RGB takes channel ``min(i, C - 1)`` for each ``i``
+        (a copy of the grey channel), RGB to grey weighs by ``luma[:C] / sum(luma[:C])`` (1 for grey),
+        the very values ``forward`` computes."""
+        x = x.float() / 255.0
+        c, h, w = x.shape[1], x.shape[2], x.shape[3]
+        if self.out_channels == 3:
+            x = x.index_select(1, torch.arange(3, device=x.device).clamp(max=c - 1))
+        else:
+            luma = self.luma[:, :c]
+            x = (x * (luma / luma.sum())).sum(dim=1, keepdim=True)
+        side = torch.sym_min(h, w)
+        square = torch.arange(side, device=x.device)
+        x = x.index_select(2, square + (h - side) // 2).index_select(3, square + (w - side) // 2)
+        return (self._crop(self._resize(x)) - self.mean) / self.std
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        # Antialiased like the prepare-time resize, so shrinking at train time does not alias either.
+        return F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False,
+                             antialias=True)
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize == self.size:
+            return x
+        top = (self.resize - self.size) // 2
+        return x[..., top:top + self.size, top:top + self.size]
 
 
 class FineTuneModel(nn.Module):
@@ -87,10 +118,17 @@ class FineTuneModel(nn.Module):
         self.aux_head = aux_head
 
     def features(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.backbone(self.input_dropout(self.preprocess(x)))
+        return self.pixel_features(self.preprocess(x))
+
+    def pixel_features(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone(self.input_dropout(pixels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        out = self.features(x)
+        return self.classify(self.preprocess(x))
+
+    def classify(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The head's output for preprocessed ``pixels``."""
+        out = self.pixel_features(pixels)
         aux = None
         if isinstance(out, tuple):  # torchvision's InceptionOutputs(logits, aux_logits)
             out, aux = out[0], out[1]
@@ -98,6 +136,38 @@ class FineTuneModel(nn.Module):
         if self.training and aux is not None and self.aux_head is not None:
             return logits, self.aux_head(aux)
         return logits
+
+
+class ServingModel(nn.Module):
+    """The trained model as it is served: raw ``uint8`` images ``[N, C, H, W]`` of any batch size and
+    size, ``C`` 1 or 3 (:meth:`Preprocess.serve`), in; class probabilities ``[N, classes]`` out, one
+    output form for every head (a binary head's single logit becomes the two classes' probabilities).
+    What the MLflow model, the ONNX export and ``predict`` run."""
+
+    def __init__(self, model: FineTuneModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        return model.head.probabilities(model.classify(model.preprocess.serve(images)))
+
+
+def serving_trace(side: int) -> tuple[torch.Tensor, dict[int, Any]]:
+    """The example input and the dynamic dimensions ``torch.export`` traces :class:`ServingModel` with
+    (batch, channels 1 to 3, height and width all free), at about ``side`` pixels."""
+    from torch.export import Dim
+
+    # Sizes 0 and 1 would be specialised: trace with two 3-channel images, not square (a square
+    # example would let height and width share one symbol).
+    example = torch.zeros(2, 3, side, side + 1, dtype=torch.uint8)
+    return example, {0: Dim("batch"), 1: Dim("channels", min=1, max=3), 2: Dim("height"), 3: Dim("width")}
+
+
+def export_serving(model: FineTuneModel, *, side: int) -> torch.export.ExportedProgram:
+    """:class:`ServingModel` of ``model`` (eval mode) as a ``torch.export`` program (:func:`serving_trace`)."""
+    example, dims = serving_trace(side)
+    return torch.export.export(ServingModel(model).eval(), (example,), dynamic_shapes=(dims,))
 
 
 @dataclass

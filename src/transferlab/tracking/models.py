@@ -7,20 +7,32 @@ with ``weights_only=True``) rather than from unpickling a logged model. The
 same checkpoint and its model spec make the trained model for an export
 (:func:`download_trained`); :func:`register_model` puts a run's logged model
 in the registry under an alias.
+
+The trained model goes out as an MLflow model (:func:`log_model`): a
+``torch.export`` program with the ``pytorch`` flavour and a pyfunc flavour of
+our own (:mod:`transferlab_serving`), which :func:`load_logged_model` shares.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+import transferlab_serving as serving
 from transferlab.errors import TrackingError
+from transferlab.models.assemble import FineTuneModel, ServingModel, export_serving
 from transferlab.models.weights import WeightsError, read_weights_file
 from transferlab.tracking.store import sqlite_path, tracking_uri
 
+if TYPE_CHECKING:
+    from mlflow.models import Model, ModelSignature
+
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
+OUTPUT = "probabilities"  # what a logged model returns (the metadata's "output"; earlier ones returned logits)
 
 
 def mlflow_run_id(spec: str, *, uri: str, key: str = "backbone.weights") -> str:
@@ -97,40 +109,91 @@ def mlflow_state_dict(spec: str, *, uri: str) -> tuple[dict[str, torch.Tensor], 
     return state, meta
 
 
-def log_model(model: torch.nn.Module, example: torch.Tensor, spec: dict[str, Any] | None = None) -> str:
-    """``mlflow.pytorch`` model of the active run, with signature and input example; returns the format.
+def log_model(model: FineTuneModel, example: torch.Tensor, spec: dict[str, Any]) -> str:
+    """The trained model as the active run's MLflow model ``model``; returns its format.
     ``spec`` (the model spec: classes, input size, normalisation, preprocessing) goes into the
     model's metadata (``MLmodel``), where ``mlflow.models.get_model_info(uri).metadata`` reads it.
 
-    Saved as a ``torch.export`` program (``pt2``: no pickle, loads without this
-    package, takes raw uint8 images of any batch size); a model that cannot be
-    exported falls back to a pickle. Requirements are given, not inferred:
-    inference loads the model in a subprocess and costs many seconds.
+    Saved as a ``torch.export`` program of :class:`ServingModel` (``pt2``: no pickle, loads without
+    this package; uint8 images of any batch size and size, 1 or 3 channels, in; class probabilities
+    out), with the ``pytorch`` flavour and a pyfunc flavour of our own (:mod:`transferlab_serving`,
+    carried in the model's ``code/``: class names and probabilities, on CUDA when present), through
+    :func:`save_model`. A model that cannot be exported falls back to a pickle of ``mlflow.pytorch``
+    (whose generic pyfunc returns bare probabilities, and which needs transferlab to load).
+    ``example`` (stored images) is the input example MLflow checks the pyfunc with.
     """
     import warnings
 
     import mlflow.pytorch
-    import torchvision
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
     model.eval()
-    x = example.numpy()
-    with torch.no_grad():
-        y = model(example).numpy()
-    signature = infer_signature(x, y)
-    metadata = {"model_spec": spec} if spec is not None else None
-    requirements = [f"torch=={torch.__version__.split('+')[0]}",
-                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    uri = f"runs:/{mlflow.active_run().info.run_id}/model"
     try:
-        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x, metadata=metadata,
-                                 pip_requirements=requirements, serialization_format="pt2")
-        return "pt2"
+        program = export_serving(model, side=int(spec["stored_size"]))
     except Exception as err:  # torch.export does not cover every model
         warnings.warn(f"torch.export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                       "logging the model as a pickle instead", stacklevel=2)
-    mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x, metadata=metadata,
-                             pip_requirements=[*requirements, "transferlab"], serialization_format="pickle")
+    else:
+        Model.log(artifact_path=None, name="model", flavor=sys.modules[__name__], program=program,
+                  example=example.numpy(), spec=spec)
+        print(f"tracking: logged the model as {uri}")
+        return "pt2"
+    served = ServingModel(model).eval()
+    with torch.no_grad():
+        probabilities = served(example).numpy()
+    mlflow.pytorch.log_model(served, name="model", signature=infer_signature(example.numpy(), probabilities),
+                             input_example=example.numpy(), metadata=metadata(spec),
+                             pip_requirements=[*requirements(), "transferlab"], serialization_format="pickle")
+    print(f"tracking: logged the model as {uri} (a pickle: loading it needs transferlab)")
     return "pickle"
+
+
+def metadata(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"model_spec": spec, "output": OUTPUT}
+
+
+def requirements() -> list[str]:
+    """What the logged model needs besides MLflow (which brings numpy and pandas): the torch and
+    torchvision it was made with."""
+    import torchvision
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
+
+
+def signature(class_names: list[str]) -> ModelSignature:
+    """uint8 images ``[N, C, H, W]``, every dimension free, in; the pyfunc's columns out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+        outputs=Schema([ColSpec("string", serving.PREDICTED), ColSpec("float", serving.PROBABILITY),
+                        *(ColSpec("float", serving.probability_column(name)) for name in class_names)]))
+
+
+def save_model(path: str, mlflow_model: Model | None = None, *, program: torch.export.ExportedProgram,
+               example: np.ndarray, spec: dict[str, Any]) -> None:
+    """The MLflow model of an exported :class:`ServingModel` in ``path`` (``Model.log`` calls this: this
+    module is the flavour it logs with). ``data/model/model.pt2`` is the ``pytorch`` flavour's
+    (``mlflow.pytorch.load_model``: the program's module, on the CPU); the pyfunc flavour's loader is
+    :mod:`transferlab_serving`, copied into ``code/``."""
+    import tempfile
+
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    mlflow_model = mlflow_model or Model()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "model"  # copied to <path>/data/model, the pyfunc's data (transferlab_serving.model_root)
+        data.mkdir()
+        torch.export.save(program, data / serving.PROGRAM_FILE)
+        mlflow_model.add_flavor("pytorch", model_data="data/model", pytorch_version=str(torch.__version__))
+        mlflow.pyfunc.save_model(path, loader_module=serving.__name__, data_path=str(data),
+                                 code_paths=[str(Path(serving.__file__).parent)], mlflow_model=mlflow_model,
+                                 signature=signature(spec["class_names"]), input_example=example,
+                                 pip_requirements=requirements(), metadata=metadata(spec),
+                                 model_config={"device": None})
 
 
 MLMODEL_FILE = "MLmodel"
@@ -138,12 +201,12 @@ MLMODEL_FILE = "MLmodel"
 
 def load_logged_model(model: str, *, uri: str, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A model :func:`log_model` logged (``runs:/<id>/model``, ``models:/<name>/<version>``,
-    ``models:/<name>@<alias>``, or a local MLflow model folder) on ``device``, with its model spec.
+    ``models:/<name>@<alias>``, or a local MLflow model folder) on ``device``, with its model spec;
+    loaded as its pyfunc loads it (:func:`transferlab_serving.load_module`).
 
-    The module takes raw uint8 images ``[N, C, H, W]`` and returns the head's output (class logits)."""
+    The module takes raw uint8 images ``[N, C, H, W]`` and returns class probabilities."""
     import tempfile
 
-    import mlflow.pytorch
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
 
@@ -165,27 +228,23 @@ def load_logged_model(model: str, *, uri: str, device: torch.device) -> tuple[to
         if not (local / MLMODEL_FILE).is_file():
             raise WeightsError(f"'{model}' is not an MLflow model (no {MLMODEL_FILE} file in {local})")
         info = Model.load(str(local))
-        spec = (info.metadata or {}).get("model_spec")
-        if "pytorch" not in info.flavors or spec is None:
+        metadata = info.metadata or {}
+        if "pytorch" not in info.flavors or "model_spec" not in metadata:
             raise WeightsError(f"'{model}' is not a model logged by transferlab (needs the pytorch flavour and "
                                "a model_spec in its metadata)")
+        if metadata.get("output") != OUTPUT:
+            raise WeightsError(f"'{model}' was logged by an older transferlab, whose model returns logits: "
+                               "log it again (run its evaluate stage) or predict from its model folder")
         # MLflow refuses pickle payloads in an exported program unless allowed (and a pickled model,
-        # log_model's fallback, unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set); it loads on the CPU.
+        # log_model's fallback, unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set).
         try:
-            module = mlflow.pytorch.load_model(str(local))
+            module = serving.load_module(local, device)
         except Exception as err:
             raise WeightsError(f"could not load the model '{model}' ({type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''})") from None
-        program = local / info.flavors["pytorch"]["model_data"] / "model.pt2"
-        if device.type != "cpu" and program.is_file():
-            # An exported program's graph asserts its input's device (the CPU it was exported on), which
-            # .to() leaves as it is; torch's own pass moves the program. The archive was vetted above.
-            from torch.export.passes import move_to_device_pass
+    return module, metadata["model_spec"]
 
-            module = move_to_device_pass(torch.export.load(program), device).module()
-        else:
-            module = module.to(device)
-    return module, spec
+
 SPEC_ARTIFACT = "checkpoint/model_spec.json"
 
 
