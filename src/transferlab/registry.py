@@ -85,9 +85,9 @@ class Registry(Generic[T]):
         if entry is None:
             known = [*self.names(), *(n for f in self.families() if f.choices for n in f.choices())]
             close = difflib.get_close_matches(name, known, n=5)
-            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            hint = f". Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             rest = "".join(f", or {f.describe or f.name}" for f in self.families())
-            raise self.error(f"{self.key}: Unknown {self.what} '{name}'{hint}; expected one of {self.names()}{rest}")
+            raise self.error(f"{self.key}: Unknown {self.what} '{name}'; expected one of {self.names()}{rest}{hint}")
         return entry
 
     def option_keys(self) -> frozenset[str]:

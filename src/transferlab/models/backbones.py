@@ -378,6 +378,7 @@ def _timm_family(*, name: str, channels: int, input_size: int, **_: object) -> B
     arch = name[len(TIMM_PREFIX):]
     net = timm.create_model(arch, pretrained=False, **timm_build_kwargs(arch, channels=channels,
                                                                          input_size=input_size))
-    classifier = net.pretrained_cfg.get("classifier") or "head"
+    classifiers = net.pretrained_cfg.get("classifier") or "head"  # a name, or several (deit's distillation head)
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
     return Backbone(net, int(getattr(net, "head_hidden_size", None) or net.num_features), "timm",
-                    replaced_keys=(classifier + ".",))
+                    replaced_keys=tuple(c + "." for c in classifiers))
