@@ -222,3 +222,19 @@ def test_timm_weights_offline_fail_before_work_naming_the_folder(tmp_path: Path)
                            "timm/resnet18.a1_in1k, file model.safetensors)")
     assert str(hub) in line and "HF_HUB_CACHE" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # nothing prepared, no run folder, no store
+
+
+@pytest.mark.parametrize("name,layers", [("timm/vit_tiny_patch16_224", 14), ("regnet_y_400mf", 5), ("vit_b_16", 14)])
+def test_preflight_counts_the_layers_of_a_skeleton(name: str, layers: int) -> None:
+    """The pre-work check builds the model with its weights on the meta device (regnet computes its widths with
+    real tensors while building; timm's models too), then plans the freezing."""
+    from transferlab.config.preflight import preflight
+    from transferlab.errors import FreezeError
+
+    def cfg(first_n: int) -> ExperimentConfig:
+        return load_config(compose(["backbone=timm", f"backbone.name={name}", "backbone.input_size=32",
+                                    f"regularisation.freeze.first_n={first_n}"], config_dir=REPO / "conf"))
+
+    preflight(cfg(layers), tracking=False)
+    with pytest.raises(FreezeError, match=rf"first_n={layers + 1}, but the backbone has only {layers} layers"):
+        preflight(cfg(layers + 1), tracking=False)
