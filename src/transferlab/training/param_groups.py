@@ -9,7 +9,9 @@ With layer-wise decay (``optimizer.layer_decay``, as timm and MMPretrain define
 it) the backbone splits further, one group pair per layer: with ``L`` layers,
 layer ``i`` (0-based, input first) gets ``lr * backbone_lr_mult * decay ** (L - i)``
 and the head ``lr``. Backbone parameters outside every layer (inception_v3's
-auxiliary branch) keep ``lr * backbone_lr_mult``.
+auxiliary branch) keep ``lr * backbone_lr_mult``. (timm groups a ViT's final
+norm with the head; here it is the backbone's last layer, so each backbone
+layer gets one factor of ``decay`` less than under timm.)
 """
 
 from __future__ import annotations
