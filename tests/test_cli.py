@@ -42,7 +42,8 @@ def _runs_in(store: Path) -> list:
     [
         ("backbone=resnet1000", ["Could not find 'backbone/resnet1000'", "Available options in 'backbone'",
                                  *BACKBONES]),
-        ("backbone.name=resnet1000", ["error: backbone.name: Unknown backbone 'resnet1000'", str(BACKBONES)]),
+        ("backbone.name=resnet1000", ["error: backbone.name: Unknown backbone 'resnet1000'; expected one of "
+                                      "['inception_v3', 'mlp', 'small_cnn'], or any torchvision", "Did you mean 'resnet101'"]),
         ("regularisation.dropout.hidden=1.5", ["error: regularisation.dropout.hidden:", "[0, 1)"]),
         ("trainer.epochs=0", ["error: trainer.epochs: must be >= 1, got 0"]),
         ("regularisation.dropot=0.3", ["error: Unknown key 'regularisation.dropot'",

@@ -62,8 +62,8 @@ def test_every_option_file_holds_exactly_its_choice_s_keys() -> None:
 
     for group in option_registries():
         for path in sorted((CONF / group).glob("*.yaml")):
-            keys = sorted(yaml.safe_load(path.read_text()))
-            assert keys == option_keys(group, path.stem), path
+            option = yaml.safe_load(path.read_text())
+            assert sorted(option) == option_keys(group, option["name"]), path
 
 
 def test_unknown_class_names_with_a_positive_class_are_refused_not_dropped() -> None:

@@ -333,7 +333,7 @@ def test_check_weights_spec_unknown_torchvision_name_lists_the_choices() -> None
 
 def test_check_weights_spec_torchvision_name_on_builtin_backbone() -> None:
     with pytest.raises(ConfigError, match=r"backbone\.weights: 'DEFAULT' is not a file, an MLflow URI, 'source' "
-                                          r"or null, and backbone 'small_cnn' has no torchvision weights"):
+                                          r"or null, and backbone 'small_cnn' has no published weights"):
         check_weights_spec("small_cnn", "DEFAULT")
     with pytest.raises(ConfigError, match=r"^pretrain\.weights: "):
         check_weights_spec("mlp", "IMAGENET1K_V1", key="pretrain.weights")
@@ -361,8 +361,8 @@ def test_check_weights_spec_files_and_the_rest(tmp_path: Path) -> None:
     ("ckpt/best", "file"),
     ("/abs/path/w.bin", "file"),
     ("model.ckpt", "file"),
-    ("DEFAULT", "torchvision"),
-    ("IMAGENET1K_V1", "torchvision"),
+    ("DEFAULT", "published"),
+    ("IMAGENET1K_V1", "published"),
 ])
 def test_kind_of(spec: str | None, kind: str) -> None:
     assert kind_of(spec) == kind

@@ -62,22 +62,26 @@ def target_class_count(cfg: ExperimentConfig) -> int:
 def check_model(cfg: ExperimentConfig, num_classes: int) -> None:
     """Assemble the fine-tuning model's skeleton and plan its freezing and max-norm."""
     from transferlab.models.assemble import ModelSpec, build_model
-    from transferlab.models.backbones import min_input_size
+    from transferlab.models.backbones import min_input_size, skeleton
     from transferlab.training.freezing import plan_freeze
-    from transferlab.models.weights import kind_of, torchvision_preprocessing
+    from transferlab.models.weights import kind_of, published_weights
     from transferlab.training.maxnorm import max_norm_weights
 
     # The input size decides no layer or parameter name except inception_v3's auxiliary branch (on from
     # 299 px), so the size pretrain would choose, from the weights' metadata or the data, is enough.
+    # (It does decide whether a fixed-size model, a ViT, can be built: that fails here too.)
     weights_meta = None
-    if kind_of(cfg.backbone.weights) == "torchvision":
-        weights_meta = torchvision_preprocessing(cfg.backbone.name, cfg.backbone.weights)  # type: ignore[arg-type]
+    if kind_of(cfg.backbone.weights) == "published":
+        source = published_weights(cfg.backbone.name)
+        assert source is not None  # validate() checked it
+        weights_meta = source.preprocessing(cfg.backbone.name, cfg.backbone.weights)  # type: ignore[arg-type]
+        source.ensure(cfg.backbone.name, cfg.backbone.weights)  # type: ignore[arg-type]
     data_size = cfg.data.image_size or min_input_size(cfg.backbone.name)
     spec = ModelSpec.decide(cfg, class_names=[str(i) for i in range(num_classes)],
                             data_channels=cfg.data.channels or cfg.backbone.channels, data_size=data_size,
                             weights_meta=weights_meta)
     cfg = replace(cfg, backbone=spec.backbone)
-    with torch.device("meta"), warnings.catch_warnings():
+    with skeleton(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # build-time notes (inception's aux branch) belong to the real build
         model, backbone = build_model(spec)
     f = cfg.regularisation.freeze

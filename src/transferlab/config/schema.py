@@ -41,8 +41,11 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
+    # small_cnn | mlp | inception_v3 | any torchvision classification model (resnet18, vit_b_16, ...)
+    # | timm/<any timm model> (timm/resnet18, timm/vit_tiny_patch16_224, ...)
     name: str = "small_cnn"
-    # null | source | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...)
+    # null | source | the backbone's published weights: torchvision's (DEFAULT, IMAGENET1K_V1, ...) or
+    # timm's (DEFAULT or a pretrained tag, e.g. augreg_in21k_ft_in1k)
     # | a local .safetensors / .pt file | runs:/<id>/<path> | models:/<name>/<version>
     weights: Optional[str] = None
     # Side of the square image the backbone sees (resized on the device). null:
@@ -103,6 +106,9 @@ class OptimizerConfig:
     name: str = "sgd"  # sgd | adam | adamw | adadelta
     lr: float = 0.05  # head learning rate
     backbone_lr_mult: float = 1.0  # backbone lr = lr * this (small for pretrained weights)
+    # Layer-wise lr decay (timm's, MMPretrain's): with L backbone layers (README: "What is a layer"), layer i
+    # (0-based, input first) gets lr * backbone_lr_mult * layer_decay ** (L - i), the head lr; null: off.
+    layer_decay: Optional[float] = None
     weight_decay: float = 0.0  # never applied to biases and norm weights
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd

@@ -143,6 +143,8 @@ def _check_optimizer(o: Any, key: str) -> None:
            f"must be two values in [0, 1), got {list(o.betas)}")
     _check(0 <= o.rho < 1, f"{key}.rho", f"must be in [0, 1), got {o.rho}")
     _check(o.eps > 0, f"{key}.eps", f"must be > 0, got {o.eps}")
+    if o.layer_decay is not None:
+        _check(0 < o.layer_decay <= 1, f"{key}.layer_decay", f"must be in (0, 1] (or null: off), got {o.layer_decay}")
     if o.lr_base_size is not None:
         _check(o.lr_base_size >= 1, f"{key}.lr_base_size", f"must be >= 1 (or null), got {o.lr_base_size}")
     _one_of(o.lr_base_scale, ["linear", "sqrt"], f"{key}.lr_base_scale", "lr scaling")
@@ -204,7 +206,7 @@ def validate(cfg: ExperimentConfig) -> None:
     """Range and name checks that a type system cannot express."""
     # Imported here: they pull in torch, which schema-only users do not need.
     from transferlab.data import list_sources
-    from transferlab.models.backbones import list_backbones
+    from transferlab.models.backbones import BACKBONES
     from transferlab.models.heads import CLASS_WEIGHTS, POOLINGS, list_heads
     from transferlab.models.activations import list_activations
     from transferlab.training.augment import MAGNITUDE_BINS, list_augmentations
@@ -231,7 +233,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(len(d.classes) >= 2, "data.classes", f"needs at least 2 classes, got {list(d.classes)}")
 
     b = cfg.backbone
-    _one_of(b.name, list_backbones(), "backbone.name", "backbone")
+    BACKBONES[b.name]  # an unknown name fails with the closest known ones
     if b.input_size is not None:
         _check(b.input_size >= 4, "backbone.input_size", f"must be >= 4 (or null), got {b.input_size}")
         if d.image_size is not None:

@@ -1,47 +1,98 @@
-"""The backbone zoo: builders registered by name.
+"""The backbone zoo: builders registered by name, and families of names.
 
 A backbone maps an image batch ``[N, C, S, S]`` (already normalised, at
-``input_size``) to flat features ``[N, out_features]``. Torchvision models
-keep their own module names, with the classifier's last layer replaced by
-``nn.Identity``, so their state dicts match torchvision's files key for key
-(minus that layer).
+``input_size``) to flat features ``[N, out_features]``. Names resolve in one
+registry (:data:`BACKBONES`):
 
-What a "layer" is (for ``regularisation.freeze.first_n``): the backbone's
-top-level child modules that hold parameters, in forward order; a top-level
-``features`` or ``classifier`` Sequential is opened into its children.
-So resnet's layers are ``conv1, bn1, layer1 .. layer4``; vgg16's are its 13
-convolutions then 2 linear layers; mobilenet/efficientnet/convnext's are the
-blocks of ``features`` (then the Linear/LayerNorm left in ``classifier``).
-:func:`backbone_layers` lists them.
+- the built-ins ``small_cnn`` and ``mlp``, and ``inception_v3`` (its own entry
+  for its auxiliary branch);
+- the ``torchvision`` family: any classification model of
+  ``torchvision.models.list_models(module=torchvision.models)``, by its name
+  (``resnet18``, ``vit_b_16``, ``swin_t``, ``efficientnet_v2_s``, ...), built with
+  ``torchvision.models.get_model``. Its classifier is found generically: the
+  last ``nn.Linear`` (or 1x1 ``nn.Conv2d``: squeezenet) in module order with
+  1000 outputs (ImageNet's classes, what every torchvision classifier is built
+  with) is replaced by ``nn.Identity``; its input width is ``out_features``, its
+  key prefix is ``replaced_keys``. Module names stay torchvision's, so state
+  dicts match torchvision's files key for key (minus that layer). ViT and MaxViT
+  take the input size at build time (``image_size``/``input_size``); pretrained
+  ViT position embeddings are interpolated to it on load
+  (``torchvision.models.vision_transformer.interpolate_embeddings``);
+- the ``timm`` family: ``timm/<name>`` for any ``timm.list_models()`` name,
+  built with ``timm.create_model(name, num_classes=0, in_chans=channels)``,
+  plus ``img_size`` where timm marks the input size fixed (ViT, Swin, ...).
+  timm is imported only for these names (``pip install 'transferlab[timm]'``).
+
+What a "layer" is (``regularisation.freeze.first_n`` freezes the first N,
+``optimizer.layer_decay`` scales their learning rates), for every family: the
+backbone's child modules that hold parameters, in forward (registration)
+order, where a child named ``features``, ``classifier``, ``layers``, ``blocks``,
+``stages``, ``trunk_output`` or ``encoder`` is opened into its children (again
+for such a grandchild: ViT's ``encoder.layers``). Parameters held directly by
+the backbone (ViT's class token) join its first layer; those held directly by
+an opened container (ViT's ``encoder.pos_embedding``) join the layer before
+the container's children. So:
+
+- resnet (torchvision and timm): ``conv1, bn1, layer1 .. layer4``;
+- vgg16: its 13 convolutions, then the 2 Linear layers left in ``classifier``;
+- mobilenet, efficientnet, convnext, swin, densenet, squeezenet, mnasnet
+  (torchvision): the blocks of ``features`` / ``layers``, then what holds
+  parameters in ``classifier`` or after it (a final norm);
+- regnet (torchvision): ``stem``, the 4 stages of ``trunk_output``;
+- ViT (torchvision): ``conv_proj+class_token+encoder.pos_embedding`` (the
+  patch embedding with the class token and position embedding), each encoder
+  block, ``encoder.ln``; timm's ViT likewise (``patch_embed+cls_token+pos_embed``,
+  ``blocks.0 ..``, ``norm``), timm's convnext ``stem, stages.0 .. 3, head``
+  (its final norm).
+
+:func:`backbone_layers` lists them; every backbone parameter belongs to exactly
+one layer, except inception_v3's auxiliary branch (no layer: it is a side head).
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from transferlab.errors import ConfigError
 from transferlab.models.activations import get_activation
+from transferlab.models.weights import TIMM_WEIGHTS, TORCHVISION_WEIGHTS
 from transferlab.registry import Registry
+
+StateAdapter = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass
 class Backbone:
     module: nn.Module
     out_features: int
-    family: str  # "builtin" or "torchvision"
-    # Prefixes of the torchvision classifier keys that the new head replaces;
+    family: str  # "builtin", "torchvision" or "timm"
+    # Prefixes of the classifier keys that the new head replaces;
     # loading ignores them, and shape mismatches elsewhere are refused.
     replaced_keys: tuple[str, ...] = ()
     aux_features: int | None = None  # inception_v3 auxiliary branch
     skip_layers: tuple[str, ...] = field(default=())
+    # Rewrites a state dict for this build before loading (ViT: position embeddings resized to the input size).
+    adapt_state: StateAdapter | None = None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer (see the module docstring): its name (the module path, ``+`` the loose parameters it
+    holds too), the module's class and its parameters' names in the backbone's state dict."""
+
+    name: str
+    kind: str
+    params: tuple[str, ...]
 
 
 BackboneBuilder = Callable[..., Backbone]
-# info: torchvision (bool: torchvision has weights for it), min_input_size (px).
+# info: min_input_size (px); weights: where the entry's published weights come from (models/weights.py).
 BACKBONES: Registry[BackboneBuilder] = Registry("backbone.name", what="backbone")
 register_backbone = BACKBONES.register
 
@@ -52,31 +103,73 @@ def min_input_size(name: str) -> int:
 
 
 def list_backbones() -> list[str]:
+    """The names with an entry of their own (families' names are not listed: see the module docstring)."""
     return BACKBONES.names()
-
-
-def is_torchvision(name: str) -> bool:
-    return name in BACKBONES and bool(BACKBONES[name].info.get("torchvision"))
 
 
 def create_backbone(name: str, *, channels: int, input_size: int, width: int = 32, depth: int = 3,
                     hidden: list[int] | tuple[int, ...] = (), activation: str = "relu") -> Backbone:
     """Build backbone ``name`` with freshly initialised weights."""
-    return BACKBONES[name].build(channels=channels, input_size=input_size, width=width, depth=depth,
+    return BACKBONES[name].build(name=name, channels=channels, input_size=input_size, width=width, depth=depth,
                                  hidden=list(hidden), activation=activation)
 
 
-def backbone_layers(backbone: Backbone) -> list[tuple[str, nn.Module]]:
+@contextmanager
+def skeleton() -> Iterator[None]:
+    """Build modules without allocating or initialising their weights: every parameter and buffer is
+    moved to the ``meta`` device as it is registered. Unlike ``with torch.device("meta")``, the tensors
+    a builder computes with stay real (torchvision's regnet derives its block widths with ``.tolist()``).
+    Not thread-safe: it swaps ``nn.Module``'s registration methods while it lasts."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
+
+    def buffer(self: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(self, name, tensor, persistent)
+        if tensor is not None:
+            self._buffers[name] = tensor.to("meta")
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
+
+
+# Containers opened into their children when listing layers (see the module docstring).
+OPENED = frozenset({"features", "classifier", "layers", "blocks", "stages", "trunk_output", "encoder"})
+
+
+def backbone_layers(backbone: Backbone) -> list[Layer]:
     """The backbone's layers in forward order (see the module docstring)."""
-    layers = []
-    for name, child in backbone.module.named_children():
-        if name in backbone.skip_layers:
-            continue
-        if name in ("features", "classifier") and isinstance(child, nn.Sequential):
-            layers += [(f"{name}.{sub}", m) for sub, m in child.named_children() if _has_params(m)]
-        elif _has_params(child):
-            layers.append((name, child))
-    return layers
+    units: list[tuple[str, nn.Module, list[str]]] = []  # module path, module, loose parameters it takes
+    early: list[str] = []  # loose parameters met before the first layer
+
+    def loose(name: str) -> None:
+        (units[-1][2] if units else early).append(name)
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, _ in module.named_parameters(recurse=False):
+            loose(prefix + name)
+        for name, child in module.named_children():
+            path = prefix + name
+            if path in backbone.skip_layers:
+                continue
+            if name in OPENED and any(True for _ in child.children()):
+                walk(child, path + ".")
+            elif _has_params(child):
+                units.append((path, child, []))
+
+    walk(backbone.module, "")
+    if not units:  # no module holds parameters (the pixel-passing mlp): its loose ones, if any, are one layer
+        return [Layer("+".join(early), type(backbone.module).__name__, tuple(early))] if early else []
+    units[0][2][:0] = early
+    return [Layer("+".join([path, *extra]), type(module).__name__,
+                  tuple([f"{path}.{n}" for n, _ in module.named_parameters()] + extra))
+            for path, module, extra in units]
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -141,46 +234,77 @@ def _mlp(*, channels: int, input_size: int, hidden: list[int], activation: str, 
     return Backbone(net, net.out_features, "builtin")
 
 
-# -- torchvision backbones -------------------------------------------------------
+# -- the torchvision family -------------------------------------------------------
+
+IMAGENET_CLASSES = 1000  # what every torchvision and timm classifier is built with
+# Torchvision's fixed-size models take their input size at build time, by this keyword (per builder module).
+SIZE_KEYWORDS = {"torchvision.models.vision_transformer": "image_size", "torchvision.models.maxvit": "input_size"}
 
 
-def _torchvision(name: str, classifier: str, **kwargs: object) -> Backbone:
-    """Build torchvision model ``name`` untrained and cut its last layer.
-
-    ``classifier`` is the dotted path of the final Linear to replace.
-    """
+def torchvision_names() -> list[str]:
     import torchvision
 
-    net = torchvision.models.get_model(name, weights=None, **kwargs)
-    parent_path, _, attr = classifier.rpartition(".")
-    parent = net.get_submodule(parent_path) if parent_path else net
-    last = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]
-    out_features = last.in_features
-    if attr.isdigit():
-        parent[int(attr)] = nn.Identity()
-    else:
-        setattr(parent, attr, nn.Identity())
-    return Backbone(net, out_features, "torchvision", replaced_keys=(classifier + ".",))
+    return torchvision.models.list_models(module=torchvision.models)
 
 
-def _register_torchvision(name: str, classifier: str) -> None:
-    @register_backbone(name, torchvision=True, min_input_size=32)
-    def build(**_: object) -> Backbone:
-        return _torchvision(name, classifier)
-
-    build.__name__ = f"_{name}"
+def _is_torchvision_model(name: str) -> bool:
+    return name in torchvision_names()
 
 
-for _name, _classifier in {
-    "resnet18": "fc",
-    "resnet50": "fc",
-    "mobilenet_v3_small": "classifier.3",
-    "mobilenet_v3_large": "classifier.3",
-    "efficientnet_b0": "classifier.1",
-    "vgg16": "classifier.6",
-    "convnext_tiny": "classifier.2",
-}.items():
-    _register_torchvision(_name, _classifier)
+def cut_classifier(net: nn.Module, *, name: str) -> tuple[str, int]:
+    """Replace the model's classifier by ``nn.Identity``; return its path and its input width.
+
+    The classifier is the last ``nn.Linear``, or 1x1 ``nn.Conv2d``, in module order with 1000 outputs."""
+    found = [(path, m) for path, m in net.named_modules()
+             if (isinstance(m, nn.Linear) and m.out_features == IMAGENET_CLASSES)
+             or (isinstance(m, nn.Conv2d) and m.out_channels == IMAGENET_CLASSES and m.kernel_size == (1, 1))]
+    if not found:
+        raise ConfigError(f"backbone.name: {name} has no classifier with {IMAGENET_CLASSES} outputs to replace")
+    path, last = found[-1]
+    net.set_submodule(path, nn.Identity())
+    return path, int(last.in_features if isinstance(last, nn.Linear) else last.in_channels)
+
+
+def build_torchvision(name: str, *, input_size: int, **kwargs: Any) -> Backbone:
+    """Build torchvision model ``name`` untrained, at ``input_size`` where it takes one, and cut its classifier."""
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    keyword = SIZE_KEYWORDS.get(builder.__module__)
+    if keyword is not None:
+        kwargs[keyword] = input_size if keyword == "image_size" else (input_size, input_size)
+    try:
+        net = builder(weights=None, **kwargs)
+    except (AssertionError, ValueError) as err:  # e.g. a ViT input size that is no multiple of its patch size
+        raise ConfigError(f"backbone.input_size: {name} cannot be built at {input_size} px: {err}") from None
+    path, out_features = cut_classifier(net, name=name)
+    adapt = None
+    if keyword == "image_size":
+        adapt = _vit_position_embeddings(input_size, net.patch_size)
+    return Backbone(net, out_features, "torchvision", replaced_keys=(path + ".",), adapt_state=adapt)
+
+
+def _vit_position_embeddings(image_size: int, patch_size: int) -> StateAdapter:
+    def adapt(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from collections import OrderedDict
+
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        if "encoder.pos_embedding" not in state:
+            return state
+        return dict(interpolate_embeddings(image_size, patch_size, OrderedDict(state)))
+
+    return adapt
+
+
+@register_backbone("torchvision", claims=_is_torchvision_model, choices=torchvision_names,
+                   describe="any torchvision classification model (torchvision.models.list_models())",
+                   min_input_size=32, weights=TORCHVISION_WEIGHTS)
+def _torchvision_family(*, name: str, input_size: int, **_: object) -> Backbone:
+    with warnings.catch_warnings():  # googlenet's note that its default init will change: it is initialised here
+        warnings.filterwarnings("ignore", message="The default weight initialization", category=FutureWarning)
+        return build_torchvision(name, input_size=input_size,
+                                 **({"aux_logits": False} if name == "googlenet" else {}))
 
 
 # The auxiliary classifier reads a 17x17 map at 299 pixels and cannot run on
@@ -188,13 +312,13 @@ for _name, _classifier in {
 INCEPTION_AUX_MIN_SIZE = 299
 
 
-@register_backbone("inception_v3", torchvision=True, min_input_size=75)
+@register_backbone("inception_v3", min_input_size=75, weights=TORCHVISION_WEIGHTS)
 def _inception_v3(*, input_size: int, **_: object) -> Backbone:
     aux = input_size >= INCEPTION_AUX_MIN_SIZE
     if not aux:
         warnings.warn(f"inception_v3 at {input_size} px: the auxiliary logits need >= "
                       f"{INCEPTION_AUX_MIN_SIZE} px and are switched off", stacklevel=2)
-    backbone = _torchvision("inception_v3", "fc", aux_logits=True, init_weights=False)
+    backbone = build_torchvision("inception_v3", input_size=input_size, aux_logits=True, init_weights=False)
     net = backbone.module
     replaced = ("fc.", "AuxLogits.fc.")
     if aux:
@@ -209,3 +333,52 @@ def _inception_v3(*, input_size: int, **_: object) -> Backbone:
     backbone.replaced_keys = replaced
     backbone.skip_layers = ("AuxLogits",)
     return backbone
+
+
+# -- the timm family ---------------------------------------------------------------
+
+TIMM_PREFIX = "timm/"
+
+
+def import_timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("backbone.name: timm/<name> needs timm: pip install 'transferlab[timm]'") from None
+    return timm
+
+
+def _is_timm_model(name: str) -> bool:
+    return name.startswith(TIMM_PREFIX) and bool(import_timm().is_model(name[len(TIMM_PREFIX):]))
+
+
+def timm_names() -> list[str]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    return [TIMM_PREFIX + n for n in timm.list_models()]
+
+
+def timm_build_kwargs(arch: str, *, channels: int, input_size: int) -> dict[str, Any]:
+    """``timm.create_model``'s arguments for a backbone: no classifier, the channels, and the input size
+    where timm marks it fixed (``pretrained_cfg.fixed_input_size``: ViT, Swin, ...)."""
+    timm = import_timm()
+    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": channels}
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = input_size
+    return kwargs
+
+
+@register_backbone("timm", claims=_is_timm_model, choices=timm_names,
+                   describe="timm/<any timm.list_models() name>", min_input_size=32, weights=TIMM_WEIGHTS)
+def _timm_family(*, name: str, channels: int, input_size: int, **_: object) -> Backbone:
+    timm = import_timm()
+    arch = name[len(TIMM_PREFIX):]
+    net = timm.create_model(arch, pretrained=False, **timm_build_kwargs(arch, channels=channels,
+                                                                         input_size=input_size))
+    classifiers = net.pretrained_cfg.get("classifier") or "head"  # a name, or several (deit's distillation head)
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    return Backbone(net, int(getattr(net, "head_hidden_size", None) or net.num_features), "timm",
+                    replaced_keys=tuple(c + "." for c in classifiers))

@@ -2,8 +2,12 @@
 
 - ``null``: the builder's seeded random init;
 - ``source``: trained by the pretrain stage on a source task;
-- a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``, ...), fetched
-  into torch's hub cache when online;
+- a name of the weights published for the backbone (kind ``published``):
+  torchvision's (``DEFAULT``, ``IMAGENET1K_V1``, ...), fetched into torch's hub
+  cache when online; timm's (``DEFAULT`` or a pretrained tag such as
+  ``augreg_in21k_ft_in1k``), fetched into the Hugging Face hub cache when
+  online. The backbone's registry entry names the source (``info["weights"]``:
+  :class:`TorchvisionWeights`, :class:`TimmWeights`);
 - a local file: ``.safetensors``, or a state dict read with
   ``torch.load(weights_only=True)`` (pickles that would run code are refused);
 - an MLflow model URI of an earlier run (``runs:/<id>/model``,
@@ -18,15 +22,19 @@ records the source and the preprocessing the weights expect.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from transferlab.errors import ConfigError, WeightsError
-from transferlab.models.backbones import Backbone, is_torchvision
+
+if TYPE_CHECKING:
+    from transferlab.config.schema import BackboneConfig
+    from transferlab.models.backbones import Backbone
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 MLFLOW_SCHEMES = ("runs:/", "models:/")
@@ -35,7 +43,7 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def kind_of(spec: str | None) -> str:
-    """One of ``none``, ``source``, ``mlflow``, ``file``, ``torchvision``."""
+    """One of ``none``, ``source``, ``mlflow``, ``file``, ``published``."""
     if spec is None:
         return "none"
     if spec == "source":
@@ -44,7 +52,30 @@ def kind_of(spec: str | None) -> str:
         return "mlflow"
     if spec.lower().endswith(FILE_SUFFIXES) or "/" in spec or os.sep in spec:
         return "file"
-    return "torchvision"
+    return "published"
+
+
+class PublishedWeights(Protocol):
+    """Where a backbone family's published weights come from."""
+
+    def names(self, backbone: str) -> list[str]:
+        """The weights names ``backbone.weights`` may give (``DEFAULT`` first)."""
+
+    def preprocessing(self, backbone: str, spec: str) -> dict[str, Any]:
+        """What the weights expect: mean, std, input_size, resize_size (and ``weights``, their full name)."""
+
+    def ensure(self, backbone: str, spec: str) -> None:
+        """Before any work: fail when the weights cannot be had."""
+
+    def state_dict(self, cfg: "BackboneConfig", spec: str) -> dict[str, torch.Tensor]:
+        """The weights, for the backbone ``cfg`` builds (its input size decided)."""
+
+
+def published_weights(backbone: str) -> PublishedWeights | None:
+    """The source of ``backbone``'s published weights (None: it has none)."""
+    from transferlab.models.backbones import BACKBONES
+
+    return BACKBONES[backbone].info.get("weights")
 
 
 def torchvision_weight_names(backbone: str) -> list[str]:
@@ -58,12 +89,16 @@ def check_weights_spec(backbone: str, spec: str | None, *, key: str = "backbone.
     """Fail early on a weights name or file that cannot work."""
 
     kind = kind_of(spec)
-    if kind == "torchvision":
-        if not is_torchvision(backbone):
+    if kind == "published":
+        source = published_weights(backbone)
+        if source is None:
             raise ConfigError(f"{key}: '{spec}' is not a file, an MLflow URI, 'source' or null, and backbone "
-                              f"'{backbone}' has no torchvision weights; expected null, source, a file path "
+                              f"'{backbone}' has no published weights; expected null, source, a file path "
                               "or runs:/... / models:/...")
-        names = torchvision_weight_names(backbone)
+        names = source.names(backbone)
+        if not names:
+            raise ConfigError(f"{key}: {backbone} has no published weights; expected null, source, a file path "
+                              "or an MLflow model URI")
         if spec not in names:
             raise ConfigError(f"{key}: Unknown weights '{spec}' for {backbone}; expected one of "
                               f"{sorted(names)}, null, source, a file path or an MLflow model URI")
@@ -159,6 +194,102 @@ def torchvision_preprocessing(backbone: str, spec: str) -> dict[str, Any]:
             "resize_size": int(transforms.resize_size[0]), "weights": str(weights)}
 
 
+class TorchvisionWeights:
+    """Torchvision's weights enums (``get_model_weights``), fetched into torch's hub cache by the pretrain stage,
+    which fails there, naming the folder, when offline."""
+
+    def names(self, backbone: str) -> list[str]:
+        return torchvision_weight_names(backbone)
+
+    def preprocessing(self, backbone: str, spec: str) -> dict[str, Any]:
+        return torchvision_preprocessing(backbone, spec)
+
+    def ensure(self, backbone: str, spec: str) -> None:
+        """Nothing before work: the pretrain stage fetches them (:func:`hub_checkpoint`)."""
+
+    def state_dict(self, cfg: "BackboneConfig", spec: str) -> dict[str, torch.Tensor]:
+        return torchvision_state_dict(cfg.name, spec)[0]
+
+
+class TimmWeights:
+    """timm's pretrained weights of ``timm/<name>``: ``DEFAULT`` (timm's default tag) or a tag
+    (``timm.list_pretrained()`` lists ``<name>.<tag>``), from the Hugging Face hub cache
+    (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``), downloaded there when missing and online.
+    Their preprocessing is ``timm.data.resolve_data_config``'s: mean, std, input size, and
+    ``floor(input_size / crop_pct)`` as the resize before the centre crop (timm's eval transform; the
+    model resizes bilinearly where timm's weights may name bicubic)."""
+
+    def _arch(self, backbone: str) -> str:
+        from transferlab.models.backbones import TIMM_PREFIX
+
+        return backbone[len(TIMM_PREFIX):]
+
+    def _cfg(self, backbone: str, spec: str) -> Any:
+        from transferlab.models.backbones import import_timm
+
+        arch = self._arch(backbone)
+        return import_timm().models.get_pretrained_cfg(arch if spec == "DEFAULT" else f"{arch}.{spec}")
+
+    def names(self, backbone: str) -> list[str]:
+        from transferlab.models.backbones import import_timm
+
+        arch = self._arch(backbone)
+        tags = [n.partition(".")[2] for n in import_timm().list_pretrained(arch) if n.partition(".")[0] == arch]
+        return ["DEFAULT", *tags] if tags else []
+
+    def preprocessing(self, backbone: str, spec: str) -> dict[str, Any]:
+        from timm.data import resolve_data_config
+
+        cfg = self._cfg(backbone, spec)
+        data = resolve_data_config(pretrained_cfg=cfg.to_dict())
+        size = int(data["input_size"][-1])
+        return {"mean": list(data["mean"]), "std": list(data["std"]), "input_size": size,
+                "resize_size": math.floor(size / data["crop_pct"]), "weights": f"{backbone}.{cfg.tag}"}
+
+    def ensure(self, backbone: str, spec: str) -> None:
+        self.file(backbone, spec)
+
+    def file(self, backbone: str, spec: str) -> Path:
+        """The weights file in the Hugging Face hub cache, downloaded there when missing."""
+        import huggingface_hub
+        from huggingface_hub import constants
+
+        cfg = self._cfg(backbone, spec)
+        if not cfg.hf_hub_id:
+            return hub_checkpoint(cfg.url, what=f"timm weights {backbone}.{cfg.tag}")
+        repo, filename = cfg.hf_hub_id, cfg.hf_hub_filename or "model.safetensors"
+        cached = huggingface_hub.try_to_load_from_cache(repo, filename)
+        if isinstance(cached, str):
+            return Path(cached)
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo, filename))
+        except Exception as err:  # connection, offline-mode and hub errors differ by huggingface_hub version
+            raise WeightsError(
+                f"Could not get the timm weights {backbone}.{cfg.tag} (Hugging Face repo {repo}, file {filename}): "
+                f"{type(err).__name__}. Offline? On a machine online, run "
+                f"`hf download {repo} {filename}` (or load the model once with timm), then copy its cache folder "
+                f"models--{repo.replace('/', '--')} into {constants.HF_HUB_CACHE} (the Hugging Face hub cache: "
+                "HF_HUB_CACHE, default ~/.cache/huggingface/hub) and run again."
+            ) from None
+
+    def state_dict(self, cfg: "BackboneConfig", spec: str) -> dict[str, torch.Tensor]:
+        """The weights as the backbone holds them: read here (tensors only), then put through timm's own
+        loading (its checkpoint filter: position embeddings resized to the input size, input channels
+        adapted, classifier dropped)."""
+        from transferlab.models.backbones import import_timm, timm_build_kwargs
+
+        timm = import_timm()
+        arch, tag = self._arch(cfg.name), self._cfg(cfg.name, spec).tag
+        state = read_weights_file(self.file(cfg.name, spec))
+        model = timm.create_model(f"{arch}.{tag}", pretrained=True, pretrained_cfg_overlay={"state_dict": state},
+                                  **timm_build_kwargs(arch, channels=cfg.channels, input_size=int(cfg.input_size)))
+        return model.state_dict()
+
+
+TORCHVISION_WEIGHTS = TorchvisionWeights()
+TIMM_WEIGHTS = TimmWeights()
+
+
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a plain tensor pickle (no code)."""
     path = Path(path)
@@ -201,6 +332,8 @@ def load_backbone_state(backbone: Backbone, state: dict[str, torch.Tensor], *, s
     mismatch is refused.
     """
     state = _strip(dict(state))
+    if backbone.adapt_state is not None:
+        state = backbone.adapt_state(state)
     report = LoadReport(source)
     own = backbone.module.state_dict()
     keep = {}

@@ -40,16 +40,18 @@ BEST = "best.pt"
 def layer_rows(t: Training) -> list[dict[str, Any]]:
     """One row per backbone layer and per head module: the per-layer table."""
     lr_of = {name: g["lr"] for g in t.groups for name in g["param_names"]}
-    named = [(f"backbone.{n}", m) for n, m in backbone_layers(t.backbone)]
-    named += [(n, m) for n, m in t.model.named_modules()
+    tensors = dict(t.model.named_parameters())
+    named = [(f"backbone.{layer.name}", layer.kind, [f"backbone.{p}" for p in layer.params])
+             for layer in backbone_layers(t.backbone)]
+    named += [(n, type(m).__name__, [f"{n}.{p}" for p, _ in m.named_parameters()]) for n, m in t.model.named_modules()
               if n.startswith(("head.", "aux_head")) and any(True for _ in m.parameters(recurse=False))]
     rows = []
-    for name, module in named:
-        params = [(f"{name}.{p}", x) for p, x in module.named_parameters()]
+    for name, kind, names in named:
+        params = [(p, tensors[p]) for p in names]
         count = sum(x.numel() for _, x in params)
         frozen = [p for p, _ in params if p in t.plan.frozen]
         lrs = sorted({lr_of[p] for p, _ in params if p in lr_of})
-        rows.append({"layer": name, "type": type(module).__name__, "params": count,
+        rows.append({"layer": name, "type": kind, "params": count,
                      "trainable": "no" if len(frozen) == len(params) else ("partly" if frozen else "yes"),
                      "lr": "/".join(f"{x:.3g}" for x in lrs) if lrs else "-"})
     return rows

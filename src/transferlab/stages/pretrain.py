@@ -8,6 +8,7 @@ source, the load report and the preprocessing the weights expect. For
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from transferlab.config.schema import ExperimentConfig
 from transferlab.data import load_prepared, read_prepared_meta
 from transferlab.models.assemble import build_backbone, resolve_input_size
 from transferlab.models.weights import (
-    kind_of, load_backbone_state, read_weights_file, save_weights, torchvision_state_dict,
+    kind_of, load_backbone_state, published_weights, read_weights_file, save_weights,
 )
 from transferlab.config.params import to_container
 from transferlab.training.build import build_training, source_task_config
@@ -49,8 +50,13 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     kind = kind_of(spec)
     meta: dict[str, Any] = {"weights": spec, "kind": kind, "backbone": cfg.backbone.name}
     state, extra = None, {}
-    if kind == "torchvision":
-        state, extra = torchvision_state_dict(cfg.backbone.name, spec)  # type: ignore[arg-type]
+    if kind == "published":
+        source = published_weights(cfg.backbone.name)
+        assert source is not None  # validate() checked it
+        extra = source.preprocessing(cfg.backbone.name, spec)  # type: ignore[arg-type]
+        # Published weights have a size: the backbone is built at it unless input_size is configured.
+        sized = replace(cfg.backbone, input_size=cfg.backbone.input_size or extra["input_size"])
+        state = source.state_dict(sized, spec)  # type: ignore[arg-type]
     elif kind == "mlflow":
         from transferlab.tracking.models import mlflow_state_dict
 

@@ -21,7 +21,7 @@ from transferlab.config.schema import (
 )
 from transferlab.data import PreparedData
 from transferlab.models.assemble import FineTuneModel, ModelSpec, build_model
-from transferlab.models.backbones import Backbone
+from transferlab.models.backbones import Backbone, backbone_layers
 from transferlab.models.heads import class_weights
 from transferlab.training.augment import create_augment
 from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_layers, plan_freeze
@@ -120,7 +120,9 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
     groups = param_groups(model, lr=scaled_lr(o, t.batch_size * t.accumulate_grad_batches),
                           backbone_lr_mult=o.backbone_lr_mult, weight_decay=o.weight_decay,
                           zero_lr=plan.frozen if plan.method == "zero_lr" else frozenset(),
-                          exclude=plan.frozen if plan.method == "requires_grad" else frozenset())
+                          exclude=plan.frozen if plan.method == "requires_grad" else frozenset(),
+                          layers=[[f"backbone.{p}" for p in layer.params] for layer in backbone_layers(backbone)],
+                          layer_decay=o.layer_decay)
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -35,10 +35,10 @@ def plan_freeze(model: nn.Module, backbone: Backbone, *, first_n: int = 0, patte
     layers = backbone_layers(backbone)
     if first_n > len(layers):
         raise FreezeError(f"regularisation.freeze.first_n={first_n}, but the backbone has only {len(layers)} "
-                          f"layers: {[n for n, _ in layers]}")
-    chosen = [name for name, _ in layers[:first_n]]
-    for layer in chosen:
-        frozen.update(n for n in names if n.startswith(f"{backbone_prefix}{layer}."))
+                          f"layers: {[layer.name for layer in layers]}")
+    for layer in layers[:first_n]:
+        frozen.update(backbone_prefix + p for p in layer.params)
+    chosen = [layer.name for layer in layers[:first_n]]
     for pattern in patterns or []:
         hits = [n for n in names if fnmatchcase(n, pattern)]
         if not hits:
