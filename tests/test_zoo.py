@@ -184,16 +184,16 @@ def test_timm_weights_from_the_hub_cache(tmp_path: Path, monkeypatch: pytest.Mon
     import huggingface_hub.constants
     import timm
 
-    from transferlab.models.weights import TIMM_WEIGHTS, load_backbone_state
+    from transferlab.models.weights import PUBLISHED, load_backbone_state
 
     published = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     hub = _hub_cache_with(tmp_path, "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", published)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # read when a file is looked up
     name = "timm/vit_tiny_patch16_224"
-    meta = TIMM_WEIGHTS.preprocessing(name, "DEFAULT")
+    meta = PUBLISHED["timm"].preprocessing(name, "DEFAULT")
     assert meta == {"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": 224, "resize_size": 248,
                     "weights": "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"}
-    state = TIMM_WEIGHTS.state_dict(BackboneConfig(name=name, input_size=SIZE, channels=1), "DEFAULT")
+    state = PUBLISHED["timm"].state_dict(BackboneConfig(name=name, input_size=SIZE, channels=1), "DEFAULT")
     backbone = create_backbone(name, channels=1, input_size=SIZE)
     report = load_backbone_state(backbone, state, source=name)
     assert report.missing == [] and report.unexpected == []

@@ -61,7 +61,6 @@ from torch import nn
 
 from transferlab.errors import ConfigError
 from transferlab.models.activations import get_activation
-from transferlab.models.weights import TIMM_WEIGHTS, TORCHVISION_WEIGHTS
 from transferlab.registry import Registry
 
 StateAdapter = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -299,7 +298,7 @@ def _vit_position_embeddings(image_size: int, patch_size: int) -> StateAdapter:
 
 @register_backbone("torchvision", claims=_is_torchvision_model, choices=torchvision_names,
                    describe="any torchvision classification model (torchvision.models.list_models())",
-                   min_input_size=32, weights=TORCHVISION_WEIGHTS)
+                   min_input_size=32, weights="torchvision")
 def _torchvision_family(*, name: str, input_size: int, **_: object) -> Backbone:
     with warnings.catch_warnings():  # googlenet's note that its default init will change: it is initialised here
         warnings.filterwarnings("ignore", message="The default weight initialization", category=FutureWarning)
@@ -312,7 +311,7 @@ def _torchvision_family(*, name: str, input_size: int, **_: object) -> Backbone:
 INCEPTION_AUX_MIN_SIZE = 299
 
 
-@register_backbone("inception_v3", min_input_size=75, weights=TORCHVISION_WEIGHTS)
+@register_backbone("inception_v3", min_input_size=75, weights="torchvision")
 def _inception_v3(*, input_size: int, **_: object) -> Backbone:
     aux = input_size >= INCEPTION_AUX_MIN_SIZE
     if not aux:
@@ -372,7 +371,7 @@ def timm_build_kwargs(arch: str, *, channels: int, input_size: int) -> dict[str,
 
 
 @register_backbone("timm", claims=_is_timm_model, choices=timm_names,
-                   describe="timm/<any timm.list_models() name>", min_input_size=32, weights=TIMM_WEIGHTS)
+                   describe="timm/<any timm.list_models() name>", min_input_size=32, weights="timm")
 def _timm_family(*, name: str, channels: int, input_size: int, **_: object) -> Backbone:
     timm = import_timm()
     arch = name[len(TIMM_PREFIX):]

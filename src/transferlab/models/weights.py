@@ -6,8 +6,8 @@
   torchvision's (``DEFAULT``, ``IMAGENET1K_V1``, ...), fetched into torch's hub
   cache when online; timm's (``DEFAULT`` or a pretrained tag such as
   ``augreg_in21k_ft_in1k``), fetched into the Hugging Face hub cache when
-  online. The backbone's registry entry names the source (``info["weights"]``:
-  :class:`TorchvisionWeights`, :class:`TimmWeights`);
+  online. The backbone's registry entry names the source (``info["weights"]``, a key of
+  :data:`PUBLISHED`: :class:`TorchvisionWeights`, :class:`TimmWeights`);
 - a local file: ``.safetensors``, or a state dict read with
   ``torch.load(weights_only=True)`` (pickles that would run code are refused);
 - an MLflow model URI of an earlier run (``runs:/<id>/model``,
@@ -72,10 +72,12 @@ class PublishedWeights(Protocol):
 
 
 def published_weights(backbone: str) -> PublishedWeights | None:
-    """The source of ``backbone``'s published weights (None: it has none)."""
+    """The source of ``backbone``'s published weights (None: it has none): its registry entry names one of
+    :data:`PUBLISHED` (``info["weights"]``)."""
     from transferlab.models.backbones import BACKBONES
 
-    return BACKBONES[backbone].info.get("weights")
+    name = BACKBONES[backbone].info.get("weights")
+    return PUBLISHED[name] if name else None
 
 
 def torchvision_weight_names(backbone: str) -> list[str]:
@@ -286,8 +288,8 @@ class TimmWeights:
         return model.state_dict()
 
 
-TORCHVISION_WEIGHTS = TorchvisionWeights()
-TIMM_WEIGHTS = TimmWeights()
+# Where each family's published weights come from, by the name its backbone entry gives.
+PUBLISHED: dict[str, PublishedWeights] = {"torchvision": TorchvisionWeights(), "timm": TimmWeights()}
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
