@@ -154,6 +154,8 @@ def guarded_experiment(cfg: "DictConfig") -> float:  # noqa: F821
 
 def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
     """One job: validate, then run the pipeline under Hydra's output folder."""
+    from dataclasses import replace
+
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -185,9 +187,14 @@ def experiment(cfg: "DictConfig") -> dict:  # noqa: F821
             exp.tracking.run_name = f"sweep-{sweep}-{hc.job.num}"
         exp.tracking.register = None  # the sweep registers its best job's model when it ends (tracking/sweep.py)
     exp = with_output_dir(exp, out)
-    result = run_pipeline(exp, tags=tags)
-    if hc.mode == RunMode.MULTIRUN:
-        record_finished_job(out, list(hc.overrides.task), result)
+    if hc.mode != RunMode.MULTIRUN:
+        return run_pipeline(exp, tags=tags)
+    from transferlab.devices import job_device
+
+    # Jobs that run at once (hydra/launcher=parallel) each train on a GPU of their own.
+    with job_device(exp.trainer.device, hc.job.num) as device:
+        result = run_pipeline(replace(exp, trainer=replace(exp.trainer, device=device)), tags=tags)
+    record_finished_job(out, list(hc.overrides.task), result)
     return result
 
 
