@@ -47,7 +47,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 
 
 def _export(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transferlab.export", *args], cwd=cwd, env=subprocess_env(),
+    return subprocess.run([sys.executable, "-m", "transferlab", "export", *args], cwd=cwd, env=subprocess_env(),
                           capture_output=True, text=True, timeout=240)
 
 

@@ -1,5 +1,6 @@
 """``python -m transferlab [overrides]``: run one experiment; ``-m`` sweeps.
 ``python -m transferlab predict MODEL IMAGES...``: predict image files (:mod:`transferlab.predict`).
+``python -m transferlab export MODEL --out model.onnx``: an ONNX file (:mod:`transferlab.export`).
 
 Examples::
 
@@ -26,10 +27,16 @@ def _groups(conf_dir: Path) -> list[str]:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["predict"]:  # never a Hydra override (those hold '='), nor a flag
+    # Subcommands: never a Hydra override (those hold '='), nor a flag.
+    if sys.argv[1:2] == ["predict"]:
         from transferlab.predict import main as predict
 
         predict(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["export"]:
+        from transferlab.export import main as export
+
+        export(sys.argv[2:])
         return
     import hydra
     from hydra._internal.utils import get_args_parser

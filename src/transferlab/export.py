@@ -1,4 +1,5 @@
-"""``python -m transferlab.export MODEL --out model.onnx``: the trained model as an ONNX file.
+"""``transferlab export MODEL --out model.onnx``: the trained model as an ONNX file
+(also ``python -m transferlab.export``).
 
 MODEL is a model folder (``best.pt`` beside ``model_spec.json``: ``models/`` after ``dvc repro``) or an
 MLflow model URI (``runs:/<id>/model``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``) in the
@@ -107,7 +108,7 @@ def max_difference(model: FineTuneModel, path: str | Path, images: torch.Tensor,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m transferlab.export", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="transferlab export", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("model", help="model folder (best.pt + model_spec.json) or runs:/... / models:/... URI")
