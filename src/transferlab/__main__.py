@@ -1,5 +1,6 @@
 """``python -m transferlab [overrides]``: run one experiment; ``-m`` sweeps.
 ``python -m transferlab predict MODEL IMAGES...``: predict image files (:mod:`transferlab.predict`).
+``python -m transferlab report [--quick] [overrides]``: each technique against its absence (:mod:`transferlab.report`).
 
 Examples::
 
@@ -22,7 +23,9 @@ CONF_DIR = Path("conf")
 
 
 def _groups(conf_dir: Path) -> list[str]:
-    return sorted(p.name for p in conf_dir.iterdir() if p.is_dir())
+    from hydra_plugins.transferlab_composition import NOT_COMPOSED
+
+    return sorted(p.name for p in conf_dir.iterdir() if p.is_dir() and p.name not in NOT_COMPOSED)
 
 
 def main() -> None:
@@ -30,6 +33,11 @@ def main() -> None:
         from transferlab.predict import main as predict
 
         predict(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["report"]:
+        from transferlab.report import main as report
+
+        report(sys.argv[2:])
         return
     import hydra
     from hydra._internal.utils import get_args_parser
