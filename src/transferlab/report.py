@@ -160,6 +160,9 @@ def _techniques(entries: Any, path: Path) -> list[Technique]:
             raise ConfigError(f"{where}: the name is used twice")
         seen.add(entry["name"])
         kind = ABLATIONS[entry.get("kind", "with_without")]
+        if any(isinstance(k, bool) for k in entry):
+            raise ConfigError(f"{where}: a key reads as {[k for k in entry if isinstance(k, bool)]} (YAML takes "
+                              "on/off/yes/no for booleans); the arms are `with` and `without`")
         unknown = set(entry) - TECHNIQUE_KEYS - kind.keys
         if unknown:
             raise ConfigError(f"{where}: kind '{kind.name}' takes no {sorted(unknown)}; its keys are "
@@ -538,7 +541,12 @@ def report(argv: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> None:
     from transferlab.cli import guarded
 
-    guarded(lambda: report(sys.argv[1:] if argv is None else argv))
+    try:
+        guarded(lambda: report(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the sweep ended its runs KILLED
+        print("report: interrupted; the same command goes on where it stopped (finished jobs are kept)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
