@@ -12,8 +12,8 @@ per seed. A seed changes the initial weights (the new layers', and the source ta
 and the augmentation; the data split stays the base's (``data.split_seed`` is pinned), so the arms are
 compared seed by seed (:mod:`transferlab.stats`). Arms that compose to the same experiment run once.
 
-The sweep folder is named by the composed jobs, so running the same report again reuses every finished
-run (an interrupted one resumes); the report is written to ``reports/<name>/`` (``report.md`` with its
+The sweep folder is named by the composed jobs and the code they run, so running the same report again
+reuses every finished run (an interrupted one resumes); the report is written to ``reports/<name>/`` (``report.md`` with its
 plots, and ``report.html``, self-contained) and logged to the parent run.
 """
 
@@ -159,7 +159,10 @@ def _techniques(entries: Any, path: Path) -> list[Technique]:
         if entry["name"] in seen:
             raise ConfigError(f"{where}: the name is used twice")
         seen.add(entry["name"])
-        kind = ABLATIONS[entry.get("kind", "with_without")]
+        try:
+            kind = ABLATIONS[entry.get("kind", "with_without")]
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
         if any(isinstance(k, bool) for k in entry):
             raise ConfigError(f"{where}: a key reads as {[k for k in entry if isinstance(k, bool)]} (YAML takes "
                               "on/off/yes/no for booleans); the arms are `with` and `without`")
@@ -230,8 +233,27 @@ def plan(config: ReportConfig, base: list[str], conf_dir: Path = CONF_DIR) -> tu
                 digest.update(identity.encode())
             p.arm_of[(technique.name, i)] = composed[identity]
     digest.update(json.dumps([config.seeds, common, p.experiments]).encode())
+    digest.update(code_digest().encode())
     p.key = digest.hexdigest()[:12]
     return p, base_cfg
+
+
+# Modules that only write the report: editing them re-renders it from the same runs.
+REPORT_ONLY = ("transferlab/report.py", "transferlab/stats.py", "transferlab/tracking/results.py")
+
+
+def code_digest() -> str:
+    """sha256 of the code the jobs run (the package and its Hydra plugins, less :data:`REPORT_ONLY`): after a
+    change of it the report trains again rather than reuse runs of other code."""
+    import transferlab
+
+    src = Path(transferlab.__file__).parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*(src / "transferlab").rglob("*.py"), *(src / "hydra_plugins").rglob("*.py")]):
+        rel = path.relative_to(src).as_posix()
+        if rel not in REPORT_ONLY:
+            digest.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def jobs_of(p: Plan, seeds: list[int]) -> list[tuple[int, int, list[str]]]:
@@ -475,7 +497,7 @@ def build_report(config: ReportConfig, p: Plan, base: list[str], results: list[l
                     for a in arms for s in config.seeds]
         sections.append(("table", ["arm", "seed", "test acc", val_metric, "fit s", "MLflow run"], per_seed))
         sections.append(("img", f"{technique.name}.png", plot(technique, arms, val_metric)))
-        sections.append(("p", "Reproduce an arm (one seed each line):"))
+        sections.append(("p", f"Reproduce each arm (seed {config.seeds[0]}; `seed=` picks the others):"))
         sections.append(("code", "\n".join(command(merge(p.common, a.overrides, [f"seed={config.seeds[0]}"]))
                                            for a in arms)))
     blocks.append(("h", 2, "Summary"))
