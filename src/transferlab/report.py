@@ -428,7 +428,7 @@ def plot(technique: Technique, arms: list[ArmResult], val_metric: str) -> bytes:
         if n:
             h = np.array([hist[:n] for hist in histories])
             epochs = np.arange(1, n + 1)
-            curves.plot(epochs, h.mean(0), label=a.label.split(": ", 1)[-1][:28])
+            curves.plot(epochs, h.mean(0), marker="o", markersize=3, label=a.label.split(": ", 1)[-1][:28])
             curves.fill_between(epochs, h.mean(0) - h.std(0), h.mean(0) + h.std(0), alpha=0.2)
     curves.set_xlabel("epoch")
     curves.set_ylabel("val_acc")
