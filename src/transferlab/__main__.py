@@ -23,9 +23,9 @@ CONF_DIR = Path("conf")
 
 
 def _groups(conf_dir: Path) -> list[str]:
-    from hydra_plugins.transferlab_composition import NOT_COMPOSED
+    from transferlab.compose import config_groups
 
-    return sorted(p.name for p in conf_dir.iterdir() if p.is_dir() and p.name not in NOT_COMPOSED)
+    return config_groups(conf_dir)
 
 
 def main() -> None:

@@ -200,13 +200,11 @@ class Plan:
 
 def plan(config: ReportConfig, base: list[str], conf_dir: Path = CONF_DIR) -> tuple[Plan, Any]:
     """Compose and check every arm before any work; arms that compose alike share their runs."""
-    from transferlab.compose import compose
+    from transferlab.compose import compose, config_groups
     from transferlab.config.preflight import preflight
     from transferlab.config.validate import check_override_keys, load_config
 
-    from transferlab.__main__ import _groups
-
-    groups = _groups(conf_dir)
+    groups = config_groups(conf_dir)
     base = [o for o in base if o.partition("=")[0] != "seed"]  # the report's seeds decide
     check_override_keys([*config.budget, *base], groups)
     base_cfg = load_config(compose(merge(config.budget, base), config_dir=conf_dir))
