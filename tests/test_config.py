@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transferlab.compose import compose, main as compose_main
+from transferlab.compose import compose, config_groups, main as compose_main
 from transferlab.config import ConfigError, ExperimentConfig, check_override_keys, load_config
 from transferlab.models.backbones import list_backbones
 from transferlab.models.heads import list_heads
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 # Groups that are not a section of the experiment: presets over several sections, and Hydra's own settings.
 PRESET_GROUPS = {"experiment", "hparams_search", "hydra"}
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+GROUPS = config_groups(CONF)  # conf/report is no group of the experiment
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = [(g, p.stem) for g in GROUPS if g not in PRESET_GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 # The field that names a group's option, for the groups whose files carry one.

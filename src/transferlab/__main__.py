@@ -1,6 +1,7 @@
 """``python -m transferlab [overrides]``: run one experiment; ``-m`` sweeps.
 ``python -m transferlab predict MODEL IMAGES...``: predict image files (:mod:`transferlab.predict`).
 ``python -m transferlab export MODEL --out model.onnx``: an ONNX file (:mod:`transferlab.export`).
+``python -m transferlab report [--quick] [overrides]``: each technique against its absence (:mod:`transferlab.report`).
 
 Examples::
 
@@ -20,23 +21,22 @@ if TYPE_CHECKING:
     from transferlab.config.schema import ExperimentConfig
 
 CONF_DIR = Path("conf")
+# transferlab <subcommand> ...: the module whose main(argv) runs it.
+SUBCOMMANDS = {"predict": "transferlab.predict", "export": "transferlab.export", "report": "transferlab.report"}
 
 
 def _groups(conf_dir: Path) -> list[str]:
-    return sorted(p.name for p in conf_dir.iterdir() if p.is_dir())
+    from transferlab.compose import config_groups
+
+    return config_groups(conf_dir)
 
 
 def main() -> None:
     # Subcommands: never a Hydra override (those hold '='), nor a flag.
-    if sys.argv[1:2] == ["predict"]:
-        from transferlab.predict import main as predict
+    if sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
+        import importlib
 
-        predict(sys.argv[2:])
-        return
-    if sys.argv[1:2] == ["export"]:
-        from transferlab.export import main as export
-
-        export(sys.argv[2:])
+        importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:])
         return
     import hydra
     from hydra._internal.utils import get_args_parser

@@ -24,6 +24,11 @@ from transferlab.config.validate import ConfigError, load_config
 HEADER = "# Composed from conf/ by `python -m transferlab.compose`; edit conf/, not this file.\n"
 
 
+def config_groups(conf_dir: str | Path = "conf") -> list[str]:
+    """The experiment's config groups: conf/'s folders, less those no composition reads (conf/report)."""
+    return sorted(p.name for p in Path(conf_dir).iterdir() if p.is_dir() and p.name not in composition.NOT_COMPOSED)
+
+
 def compose(overrides: list[str] | None = None, *, config_dir: str | Path = "conf",
             config_name: str = "config") -> dict:
     """The composed config as plain data (as DVC writes it), with its ``composition`` record."""

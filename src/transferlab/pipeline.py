@@ -33,7 +33,7 @@ def prepared_key(cfg: ExperimentConfig) -> str:
     """Everything the prepare stage's output depends on, the listing of the files it reads included."""
     from transferlab.data.sources import folder_fingerprint
 
-    return _digest({"data": asdict(cfg.data), "seed": cfg.seed,
+    return _digest({"data": {**asdict(cfg.data), "split_seed": cfg.split_seed},
                     "pretrain": [cfg.pretrain.classes, cfg.pretrain.max_per_class],
                     "inputs": folder_fingerprint(cfg.data.inputs)})
 

@@ -28,11 +28,17 @@ KEY = "composition"
 RESOLVER = "transferlab_composition"
 
 
+# conf/'s folders that are not part of the experiment's composition: `transferlab report`'s configs.
+NOT_COMPOSED = ("report",)
+
+
 def conf_digest(conf_dir: str | Path) -> str:
-    """sha256 over conf/'s files (relative path and content), whatever their location."""
+    """sha256 over conf/'s files (relative path and content), whatever their location; the folders of
+    :data:`NOT_COMPOSED` aside, so that editing them leaves ``params.yaml`` current."""
     conf_dir = Path(conf_dir)
     digest = hashlib.sha256()
-    for path in sorted(p for p in conf_dir.rglob("*") if p.is_file()):
+    for path in sorted(p for p in conf_dir.rglob("*")
+                       if p.is_file() and p.relative_to(conf_dir).parts[0] not in NOT_COMPOSED):
         digest.update(path.relative_to(conf_dir).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()

@@ -36,6 +36,9 @@ class DataConfig:
     # there is no test/ subfolder.
     val_fraction: float = 0.15
     test_fraction: float = 0.2
+    # Seed of the split and of max_per_class's choice; null: the experiment's ``seed``. Set it to vary
+    # ``seed`` (initialisation, batch order, augmentation) over one fixed split, as `transferlab report` does.
+    split_seed: Optional[int] = None
     download: bool = True
 
 
@@ -277,3 +280,8 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     composition: Dict[str, str] = field(default_factory=dict)  # conf/ and params digests (compose.py)
+
+    @property
+    def split_seed(self) -> int:
+        """The seed the data split follows: ``data.split_seed``, else ``seed``."""
+        return self.seed if self.data.split_seed is None else self.data.split_seed

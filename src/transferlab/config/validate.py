@@ -225,6 +225,8 @@ def validate(cfg: ExperimentConfig) -> None:
     if d.max_per_class is not None:
         _check(d.max_per_class >= 1, "data.max_per_class",
                f"must be >= 1 (training images per class), got {d.max_per_class}")
+    _check(d.split_seed is None or d.split_seed >= 0, "data.split_seed",
+           f"must be null or a non-negative integer, got {d.split_seed}")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
     _check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction",

@@ -53,7 +53,8 @@ def _build_task(raw: RawDataset, cfg: ExperimentConfig, *, classes: list[str] | 
         raw = one_vs_rest(raw, positive)
         classes = None
     data = prepare_dataset(raw, classes=classes, max_per_class=max_per_class,
-                           val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+                           val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+                           seed=cfg.split_seed)
     data.raw_indices = {name: index[idx] for name, idx in (data.raw_indices or {}).items()}
     return data
 
