@@ -210,11 +210,11 @@ class TrainerConfig:
     # A training split too small for batch_size to give this many optimiser steps per epoch gets smaller
     # batches (n // min_steps_per_epoch): large GPU batches on a few hundred images would leave 2-3 steps.
     min_steps_per_epoch: Optional[int] = None
-    # At least this many optimiser steps (Lightning's min_steps): a training split too small for `epochs` to
-    # give them gets more epochs (ceil(min_steps / steps per epoch)), and early stopping does not end the run
-    # before them. Unlike Lightning, where max_epochs caps it, the budget is the larger of the two: `epochs`
-    # for large splits, min_steps for small ones. Counted after min_steps_per_epoch has chosen the batch.
-    min_steps: Optional[int] = None
+    # A budget in optimiser steps (Lightning's max_steps): training ends after max_steps optimiser steps or
+    # `epochs` epochs, whichever comes first, so that a small training split trains as many steps as a large
+    # one. Rounded up to whole epochs (ceil(max_steps / steps per epoch)); counted after min_steps_per_epoch
+    # has chosen the batch. null: `epochs` alone. Early stopping can end it sooner.
+    max_steps: Optional[int] = None
     gradient_clip_val: Optional[float] = None  # clip the gradients' global L2 norm to this; null: off
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)

@@ -340,8 +340,8 @@ def validate(cfg: ExperimentConfig) -> None:
            f"must be >= 1, got {t.accumulate_grad_batches}")
     if t.min_steps_per_epoch is not None:
         _check(t.min_steps_per_epoch >= 1, "trainer.min_steps_per_epoch", f"must be >= 1, got {t.min_steps_per_epoch}")
-    if t.min_steps is not None:
-        _check(t.min_steps >= 1, "trainer.min_steps", f"must be >= 1 (optimiser steps, or null), got {t.min_steps}")
+    if t.max_steps is not None:
+        _check(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1 (optimiser steps, or null), got {t.max_steps}")
     if t.gradient_clip_val is not None:
         _check(t.gradient_clip_val > 0, "trainer.gradient_clip_val", f"must be > 0 (or null), got {t.gradient_clip_val}")
     es = t.early_stopping

@@ -94,9 +94,9 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
               f"{len(data.splits['train'])} training images, trainer.min_steps_per_epoch="
               f"{cfg_in.trainer.min_steps_per_epoch}")
     if t.cfg.trainer.epochs != cfg_in.trainer.epochs:
-        print(f"finetune: {t.cfg.trainer.epochs} epochs, not {cfg_in.trainer.epochs}: {len(data.splits['train'])} "
-              f"training images give {t.optimiser_steps} optimiser steps an epoch, "
-              f"trainer.min_steps={cfg_in.trainer.min_steps}")
+        print(f"finetune: {t.cfg.trainer.epochs} epochs of {t.optimiser_steps} optimiser steps "
+              f"({len(data.splits['train'])} training images): trainer.max_steps={cfg_in.trainer.max_steps} "
+              f"comes before trainer.epochs={cfg_in.trainer.epochs}")
     for warning in t.plan.warnings:
         print(f"finetune: warning: {warning}")
 

@@ -102,8 +102,8 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
     n_train = len(data.splits["train"])
     batch_size = batch_size_for(cfg.trainer, n_train)
     optimiser_steps = math.ceil(steps_per_epoch(n_train, batch_size, ctx) / cfg.trainer.accumulate_grad_batches)
-    epochs, min_epochs = epoch_budget(cfg.trainer, optimiser_steps)
-    cfg = replace(cfg, trainer=replace(cfg.trainer, batch_size=batch_size, epochs=epochs))
+    cfg = replace(cfg, trainer=replace(cfg.trainer, batch_size=batch_size,
+                                       epochs=epochs_for(cfg.trainer, optimiser_steps)))
     placement = plan_placement(cfg, data, device)
     spec = ModelSpec.decide(cfg, class_names=data.class_names, data_channels=data.channels,
                             data_size=max(data.image_size), data_mean=data.mean, data_std=data.std,
@@ -136,7 +136,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
     schedule = Schedule(optimizer, cfg.scheduler, epochs=t.epochs, steps_per_epoch=optimiser_steps)
     mn, es = cfg.regularisation.max_norm, t.early_stopping
     settings = TrainSettings(
-        epochs=t.epochs, min_epochs=min_epochs, batch_size=local_batch, ctx=ctx, eval_batch_size=t.eval_batch_size, monitor=t.monitor,
+        epochs=t.epochs, batch_size=local_batch, ctx=ctx, eval_batch_size=t.eval_batch_size, monitor=t.monitor,
         label_smoothing=cfg.regularisation.label_smoothing, aux_loss_weight=t.aux_loss_weight,
         max_norm=mn.value if mn.enabled else None,
         max_norm_weights=max_norm_weights(model, list(mn.layers)) if mn.enabled else [],
@@ -162,12 +162,12 @@ def batch_size_for(t: TrainerConfig, n_train: int) -> int:
     return max(1, min(t.batch_size, n_train // steps))
 
 
-def epoch_budget(t: TrainerConfig, optimiser_steps: int) -> tuple[int, int]:
-    """The epochs to train and the fewest early stopping may end the run after, for ``optimiser_steps`` per
-    epoch: ``trainer.min_steps`` raises ``trainer.epochs`` to ``ceil(min_steps / optimiser_steps)`` and keeps
-    early stopping from ending the run before them (Lightning's min_steps; there max_epochs caps it)."""
-    floor = math.ceil(t.min_steps / optimiser_steps) if t.min_steps is not None else 0
-    return max(t.epochs, floor), floor
+def epochs_for(t: TrainerConfig, optimiser_steps: int) -> int:
+    """``trainer.epochs``, or fewer where ``trainer.max_steps`` comes first at ``optimiser_steps`` per epoch
+    (Lightning's max_steps, rounded up to whole epochs: every epoch sees the whole training split)."""
+    if t.max_steps is None:
+        return t.epochs
+    return min(t.epochs, math.ceil(t.max_steps / optimiser_steps))
 
 
 def plan_placement(cfg: ExperimentConfig, data: PreparedData, device: torch.device) -> dict[str, str]:
@@ -187,7 +187,7 @@ def source_task_config(cfg: ExperimentConfig) -> ExperimentConfig:
     scheduler, epochs, batch size); the trainer's device settings (amp, channels-last, compile) carry over."""
     p = cfg.pretrain
     plain = TrainerConfig()  # the fine-tuning controls (accumulation, clipping, EMA, ...) stay with finetune
-    trainer = replace(cfg.trainer, epochs=p.epochs, batch_size=p.batch_size, monitor="val_acc", min_steps=None,
+    trainer = replace(cfg.trainer, epochs=p.epochs, batch_size=p.batch_size, monitor="val_acc", max_steps=None,
                       class_weight=None, accumulate_grad_batches=1, gradient_clip_val=None,
                       early_stopping=plain.early_stopping, ema=plain.ema)
     return replace(cfg, head=HeadConfig(name="linear"), regularisation=RegularisationConfig(),

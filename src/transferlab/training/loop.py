@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 class TrainSettings:
     epochs: int
     batch_size: int
-    min_epochs: int = 0  # early stopping does not end the run before this many epochs (trainer.min_steps)
     eval_batch_size: int = 1024
     monitor: str = "val_acc"
     label_smoothing: float = 0.0
@@ -424,8 +423,7 @@ def fit(model: nn.Module, head: Head, train: Data, val: Data, optimizer: torch.o
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
             schedule.step_epoch(epoch, metrics["val_loss"])
-            stop = (stopper is not None and stopper.should_stop(metrics[stopper.monitor])
-                    and s.min_epochs <= epoch + 1 < s.epochs)
+            stop = stopper is not None and stopper.should_stop(metrics[stopper.monitor]) and epoch + 1 < s.epochs
             if save_last is not None and not stop and epoch + 1 < s.epochs:
                 save_last({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema else None,
