@@ -629,7 +629,8 @@ def test_build_training_assembles_the_configured_recipe(digits: tuple[Batches, B
     from transferlab.training.build import build_training
 
     cfg = ExperimentConfig(
-        backbone=BackboneConfig(name="small_cnn", channels=1, width=8, depth=3),
+        # Pretrained weights (not loaded here): freezing protects only those (a random init trains).
+        backbone=BackboneConfig(name="small_cnn", channels=1, width=8, depth=3, weights="source"),
         regularisation=RegularisationConfig(freeze=FreezeConfig(first_n=1),
                                             max_norm=MaxNormConfig(enabled=True, value=2.0)),
         optimizer=OptimizerConfig(name="adamw", lr=0.01, backbone_lr_mult=0.5, weight_decay=0.01),

@@ -213,6 +213,11 @@ class TrainerConfig:
     # A training split too small for batch_size to give this many optimiser steps per epoch gets smaller
     # batches (n // min_steps_per_epoch): large GPU batches on a few hundred images would leave 2-3 steps.
     min_steps_per_epoch: Optional[int] = None
+    # A budget in optimiser steps (Lightning's max_steps): training ends after max_steps optimiser steps or
+    # `epochs` epochs, whichever comes first, so that a small training split trains as many steps as a large
+    # one. Rounded up to whole epochs (ceil(max_steps / steps per epoch)); counted after min_steps_per_epoch
+    # has chosen the batch. null: `epochs` alone. Early stopping can end it sooner.
+    max_steps: Optional[int] = None
     gradient_clip_val: Optional[float] = None  # clip the gradients' global L2 norm to this; null: off
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
@@ -258,6 +263,9 @@ class PathsConfig:
 # trainer.amp_dtype: the autocast dtypes (torch.<name>); float16 trains with a gradient scaler.
 AMP_DTYPES = ("bfloat16", "float16")
 
+# Baselines the evaluate stage can fit on the pixels of the training split (``baseline``).
+BASELINES = ("logistic",)
+
 # What a sweep's job may return for the sweeper to optimise (``optimized_metric``).
 VALIDATION_METRICS = ("best_val_acc", "best_val_loss")
 
@@ -278,6 +286,10 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # null | logistic: a baseline fitted on the pixels of the same training split. evaluate scores it on the
+    # test split beside the model (baseline_test_acc); finetune compares it with a linear probe on the initial
+    # backbone's features (on the validation split) and warns when pretrained features lose to raw pixels.
+    baseline: Optional[str] = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     composition: Dict[str, str] = field(default_factory=dict)  # conf/ and params digests (compose.py)
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from transferlab.config.schema import AMP_DTYPES, VALIDATION_METRICS, ExperimentConfig
+from transferlab.config.schema import AMP_DTYPES, BASELINES, VALIDATION_METRICS, ExperimentConfig
 from transferlab.errors import ConfigError
 
 __all__ = ["ConfigError", "check_override_keys", "load_config", "option_keys", "validate"]
@@ -342,6 +342,8 @@ def validate(cfg: ExperimentConfig) -> None:
            f"must be >= 1, got {t.accumulate_grad_batches}")
     if t.min_steps_per_epoch is not None:
         _check(t.min_steps_per_epoch >= 1, "trainer.min_steps_per_epoch", f"must be >= 1, got {t.min_steps_per_epoch}")
+    if t.max_steps is not None:
+        _check(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1 (optimiser steps, or null), got {t.max_steps}")
     if t.gradient_clip_val is not None:
         _check(t.gradient_clip_val > 0, "trainer.gradient_clip_val", f"must be > 0 (or null), got {t.gradient_clip_val}")
     es = t.early_stopping
@@ -365,6 +367,8 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
     _one_of(cfg.optimized_metric, VALIDATION_METRICS, "optimized_metric", "validation metric")
+    if cfg.baseline is not None:
+        _one_of(cfg.baseline, BASELINES, "baseline", "baseline")
 
     _check(bool(cfg.tracking.uri), "tracking.uri", "must be a tracking URI such as sqlite:///mlflow.db")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "must be a non-empty name")

@@ -4,6 +4,8 @@ Reopens the MLflow run that ``finetune`` started, adds the test metrics, the
 confusion matrix (picture and DVC plot data) and the model itself
 (``mlflow.pytorch``, with a signature and an input example), registered
 under ``tracking.register`` with the alias ``tracking.register_alias`` when set.
+With a ``baseline``, scores it on the same test split (``baseline_test_acc``,
+in the run and in ``metrics/test.json``).
 """
 
 from __future__ import annotations
@@ -133,11 +135,15 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     if model.head.overcomplete:
         metrics["unit_mass"] = unit_mass(model, test.images, y_true, data.class_names,
                                          batch_size=cfg.trainer.eval_batch_size)
+    summary = {"test_acc": metrics["test_acc"], "test_macro_f1": metrics["test_macro_f1"]}
+    if cfg.baseline is not None:  # the same training images and test split, raw pixels, a linear model
+        from transferlab.baselines import pixel_baseline
+
+        summary["baseline_test_acc"] = metrics["baseline_test_acc"] = pixel_baseline(data, "test")
 
     metrics_dir, plots_dir = Path(cfg.paths.metrics), Path(cfg.paths.plots)
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    (metrics_dir / "test.json").write_text(json.dumps(
-        {"test_acc": metrics["test_acc"], "test_macro_f1": metrics["test_macro_f1"]}, indent=2))
+    (metrics_dir / "test.json").write_text(json.dumps(summary, indent=2))
     (metrics_dir / "per_class.json").write_text(json.dumps(metrics["per_class"], indent=2))
     plots_dir.mkdir(parents=True, exist_ok=True)
     with open(plots_dir / "confusion.csv", "w", newline="") as fh:
@@ -149,7 +155,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     run_id = run_of_model(cfg.paths.model, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                           checkpoint=Path(cfg.paths.model) / BEST)
     with open_run(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, run_id=run_id) as tracker:
-        flat = {"test_acc": metrics["test_acc"], "test_macro_f1": metrics["test_macro_f1"]}
+        flat = dict(summary)
         for name, row in metrics["per_class"].items():
             for key in ("precision", "recall", "f1"):
                 flat[f"test_{key}_{name}"] = row[key]
@@ -162,7 +168,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
             if cfg.tracking.register:
                 tracker.call_in_run(partial(register_model, run_id, cfg.tracking.register,
                                             alias=cfg.tracking.register_alias), "the model registration")
-    print(f"evaluate: test_acc={metrics['test_acc']:.4f} macro_f1={metrics['test_macro_f1']:.4f}")
+    baseline = f" ({cfg.baseline} regression on pixels: {summary['baseline_test_acc']:.4f})" if cfg.baseline else ""
+    print(f"evaluate: test_acc={metrics['test_acc']:.4f} macro_f1={metrics['test_macro_f1']:.4f}{baseline}")
     return metrics
 
 

@@ -93,6 +93,12 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
         print(f"finetune: batch size {t.cfg.trainer.batch_size}, not {cfg_in.trainer.batch_size}: "
               f"{len(data.splits['train'])} training images, trainer.min_steps_per_epoch="
               f"{cfg_in.trainer.min_steps_per_epoch}")
+    if t.cfg.trainer.epochs != cfg_in.trainer.epochs:
+        print(f"finetune: {t.cfg.trainer.epochs} epochs of {t.optimiser_steps} optimiser steps "
+              f"({len(data.splits['train'])} training images): trainer.max_steps={cfg_in.trainer.max_steps} "
+              f"comes before trainer.epochs={cfg_in.trainer.epochs}")
+    for warning in t.plan.warnings:
+        print(f"finetune: warning: {warning}")
 
     run_tags = {"stage": "finetune", "backbone": cfg.backbone.name, "head": cfg.head.name,
                 **lineage_tags(data_hash=data.meta.get("data_hash"), weights_hash=weights_hash), **(tags or {})}
@@ -103,6 +109,8 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
                   run_id=previous["extra"]["run_id"] if previous else None, tags=run_tags) as tracker:
         # Again on a resumed run: the same values, and the model folder's table (DVC empties the folder).
         _log_setup(tracker, t, data, weights_meta)
+        if previous is None:
+            _check_initial_backbone(tracker, t, data, weights_meta)
         logged = tracker.logged_steps("val_acc") if previous else set()
         if previous is not None:  # epochs the interrupted process finished but had not logged yet
             for epoch, metrics in enumerate(previous["history"]):
@@ -204,6 +212,27 @@ def _log_setup(tracker: "Tracker", t: Training, data: PreparedData, weights_meta
                     tracker.log_artifact(dot, artifact_path="model_info")
             except Exception as err:  # drawing must never cost the run
                 print(f"finetune: warning: could not draw the model graph: {err}")
+
+
+def _check_initial_backbone(tracker: "Tracker", t: Training, data: PreparedData, weights_meta: dict[str, Any]) -> None:
+    """Log the source task's validation accuracy (``source_val_acc``); with a ``baseline``, compare a linear
+    probe on the initial backbone's features with the pixel baseline on the validation split
+    (``probe_val_acc``, ``baseline_val_acc``) and warn when the pretrained features lose."""
+    from transferlab.baselines import linear_probe, pixel_baseline, weak_backbone_warning
+
+    source_val_acc = weights_meta.get("source_task", {}).get("val_acc")
+    if source_val_acc is not None:
+        tracker.log_metrics({"source_val_acc": float(source_val_acc)})
+    if t.cfg.baseline is None or t.cfg.backbone.weights is None:  # a random init has nothing to probe
+        return
+    probe = linear_probe(t.model, data, batch_size=t.cfg.trainer.eval_batch_size)
+    baseline = pixel_baseline(data, "val")
+    tracker.log_metrics({"probe_val_acc": probe, "baseline_val_acc": baseline})
+    print(f"finetune: linear probe on the initial backbone val_acc={probe:.4f}, {t.cfg.baseline} regression on "
+          f"pixels val_acc={baseline:.4f}")
+    warning = weak_backbone_warning(probe, baseline, source_val_acc)
+    if warning is not None:
+        print(f"finetune: warning: {warning}")
 
 
 def _write_history(result: FitResult, path: Path) -> None:

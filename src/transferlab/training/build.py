@@ -52,6 +52,7 @@ class Training:
     device: torch.device
     placement: dict[str, str]  # train/val: resident on the device, or streamed to it
     ctx: Context  # torchrun's processes (one without torchrun)
+    optimiser_steps: int  # per epoch
 
     def batches(self, data: PreparedData, split: str) -> Batches | StreamedBatches:
         """A split of ``data`` for the loop: a uint8 copy resident on the device, or streamed to it; under
@@ -98,7 +99,11 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
 
     ctx = context(torch.device(device))
     device = device_for(torch.device(device), ctx)
-    cfg = replace(cfg, trainer=replace(cfg.trainer, batch_size=batch_size_for(cfg.trainer, len(data.splits["train"]))))
+    n_train = len(data.splits["train"])
+    batch_size = batch_size_for(cfg.trainer, n_train)
+    optimiser_steps = math.ceil(steps_per_epoch(n_train, batch_size, ctx) / cfg.trainer.accumulate_grad_batches)
+    cfg = replace(cfg, trainer=replace(cfg.trainer, batch_size=batch_size,
+                                       epochs=epochs_for(cfg.trainer, optimiser_steps)))
     placement = plan_placement(cfg, data, device)
     spec = ModelSpec.decide(cfg, class_names=data.class_names, data_channels=data.channels,
                             data_size=max(data.image_size), data_mean=data.mean, data_std=data.std,
@@ -114,7 +119,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
         load_backbone_state(backbone, backbone_state, source=weights_source)
     f = cfg.regularisation.freeze
     plan = plan_freeze(model, backbone, first_n=f.first_n, patterns=list(f.patterns), whole_backbone=f.backbone,
-                       method=f.method)
+                       method=f.method, pretrained=cfg.backbone.weights is not None)
     apply_freeze(model, plan)
     o, t = cfg.optimizer, cfg.trainer
     groups = param_groups(model, lr=scaled_lr(o, t.batch_size * t.accumulate_grad_batches),
@@ -128,9 +133,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(groups, cfg.optimizer)
     local_batch = local_batch_size(t.batch_size, ctx)
-    batches = steps_per_epoch(len(data.splits["train"]), t.batch_size, ctx)
-    schedule = Schedule(optimizer, cfg.scheduler, epochs=t.epochs,
-                        steps_per_epoch=math.ceil(batches / t.accumulate_grad_batches))  # optimiser steps
+    schedule = Schedule(optimizer, cfg.scheduler, epochs=t.epochs, steps_per_epoch=optimiser_steps)
     mn, es = cfg.regularisation.max_norm, t.early_stopping
     settings = TrainSettings(
         epochs=t.epochs, batch_size=local_batch, ctx=ctx, eval_batch_size=t.eval_batch_size, monitor=t.monitor,
@@ -147,7 +150,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
                                      min_delta=es.min_delta) if es.enabled else None,
         ema_decay=t.ema.decay if t.ema.enabled else None, ema_start_epoch=t.ema.start_epoch)
     return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device, placement,
-                    ctx)
+                    ctx, optimiser_steps)
 
 
 def batch_size_for(t: TrainerConfig, n_train: int) -> int:
@@ -157,6 +160,14 @@ def batch_size_for(t: TrainerConfig, n_train: int) -> int:
         return t.batch_size
     steps = t.min_steps_per_epoch * t.accumulate_grad_batches
     return max(1, min(t.batch_size, n_train // steps))
+
+
+def epochs_for(t: TrainerConfig, optimiser_steps: int) -> int:
+    """``trainer.epochs``, or fewer where ``trainer.max_steps`` comes first at ``optimiser_steps`` per epoch
+    (Lightning's max_steps, rounded up to whole epochs: every epoch sees the whole training split)."""
+    if t.max_steps is None:
+        return t.epochs
+    return min(t.epochs, math.ceil(t.max_steps / optimiser_steps))
 
 
 def plan_placement(cfg: ExperimentConfig, data: PreparedData, device: torch.device) -> dict[str, str]:
@@ -176,7 +187,7 @@ def source_task_config(cfg: ExperimentConfig) -> ExperimentConfig:
     scheduler, epochs, batch size); the trainer's device settings (amp, channels-last, compile) carry over."""
     p = cfg.pretrain
     plain = TrainerConfig()  # the fine-tuning controls (accumulation, clipping, EMA, ...) stay with finetune
-    trainer = replace(cfg.trainer, epochs=p.epochs, batch_size=p.batch_size, monitor="val_acc",
+    trainer = replace(cfg.trainer, epochs=p.epochs, batch_size=p.batch_size, monitor="val_acc", max_steps=None,
                       class_weight=None, accumulate_grad_batches=1, gradient_clip_val=None,
                       early_stopping=plain.early_stopping, ema=plain.ema)
     return replace(cfg, head=HeadConfig(name="linear"), regularisation=RegularisationConfig(),

@@ -7,6 +7,9 @@ training (``requires_grad``), or keep them in the optimiser with a learning
 rate of zero (``zero_lr``, the note's alternative for adaptive optimisers).
 Either way BatchNorm layers whose parameters are all frozen stay in eval
 mode, so their running statistics do not move.
+
+Freezing protects pretrained weights: a backbone with ``backbone.weights=null`` has none, so its
+parameters are left to train (the head's still freeze as asked) and the plan carries a warning.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ class FreezePlan:
     frozen: frozenset[str]  # parameter names, as in model.named_parameters()
     method: str  # requires_grad | zero_lr
     layers: tuple[str, ...]  # frozen backbone layers (first_n scope), for the log
+    warnings: tuple[str, ...] = ()  # freezing asked for but not applied, and why
 
 
 def plan_freeze(model: nn.Module, backbone: Backbone, *, first_n: int = 0, patterns: list[str] | None = None,
                 whole_backbone: bool = False, method: str = "requires_grad",
-                backbone_prefix: str = "backbone.") -> FreezePlan:
+                backbone_prefix: str = "backbone.", pretrained: bool = True) -> FreezePlan:
+    """What to freeze. ``pretrained=False`` (a random init): the scopes are checked as usual, but backbone
+    parameters stay trainable, with a warning in the plan, since freezing them would fix random weights."""
     names = [n for n, _ in model.named_parameters()]
     frozen: set[str] = set()
     layers = backbone_layers(backbone)
@@ -47,6 +53,13 @@ def plan_freeze(model: nn.Module, backbone: Backbone, *, first_n: int = 0, patte
         frozen.update(hits)
     if whole_backbone:
         frozen.update(n for n in names if n.startswith(backbone_prefix))
+    random_init = sorted(n for n in frozen if n.startswith(backbone_prefix)) if not pretrained else []
+    if random_init:
+        frozen.difference_update(random_init)
+        warning = (f"regularisation.freeze: backbone.weights=null leaves nothing pretrained to protect; "
+                   f"{len(random_init)} backbone parameter tensors it would freeze ({random_init[0]}, ...) train "
+                   f"from their random init instead")
+        return FreezePlan(frozenset(frozen), method, (), (warning,))
     return FreezePlan(frozenset(frozen), method, tuple(chosen))
 
 
