@@ -38,8 +38,10 @@ def _data(n: int, seed: int) -> Batches:
 
 def _config(name: str, regularisation: RegularisationConfig | None = None) -> ExperimentConfig:
     # Adam: with batch 2 and 1x1 feature maps, plain SGD's first step explodes through BatchNorm.
+    # weights="source" marks the backbone as pretrained (freezing leaves a random init alone); the weights
+    # themselves are the seeded init, as no state is given to build_training.
     return ExperimentConfig(
-        backbone=BackboneConfig(name=name, input_size=SIZE, channels=3),
+        backbone=BackboneConfig(name=name, input_size=SIZE, channels=3, weights="source"),
         regularisation=regularisation or RegularisationConfig(freeze=FreezeConfig(first_n=1)),
         optimizer=OptimizerConfig(name="adam", lr=1e-3),
         trainer=TrainerConfig(epochs=1, batch_size=2, eval_batch_size=2, progress=False))
