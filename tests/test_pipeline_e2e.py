@@ -72,7 +72,9 @@ def test_dvc_repro_then_up_to_date(project: Path) -> None:
     assert len(runs) == 1
     r = runs[0]
     params = yaml.safe_load((project / "params.yaml").read_text())
-    epochs = params["trainer"]["epochs"]
+    # The epochs the step budget gives (trainer.max_steps before trainer.epochs), as the run records them.
+    epochs = int(r.data.params["trainer.epochs"])
+    assert 1 <= epochs <= params["trainer"]["epochs"]
     client = _client(project)
     assert r.info.status == "FINISHED"
     assert r.data.params["regularisation.dropout.hidden"] == str(params["regularisation"]["dropout"]["hidden"])
