@@ -20,23 +20,23 @@ TINY = ["trainer.epochs=1", "pretrain.epochs=1", "backbone.width=8", "tracking.l
 
 
 @pytest.mark.slow
-def test_six_runs_started_in_the_same_second(tmp_path: Path) -> None:
-    """Six first runs at once: one creates the store, all finish with their own folder, seed and weights."""
+def test_four_runs_started_in_the_same_second(tmp_path: Path) -> None:
+    """Four first runs at once: one creates the store, all finish with their own folder, seed and weights."""
     import mlflow
 
     project = copy_project(tmp_path / "project")
     procs = [subprocess.Popen([sys.executable, "-m", "transferlab", f"seed={seed}", *TINY], cwd=project,
                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for seed in range(6)]
+             for seed in range(4)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
     folders = sorted((project / "outputs" / "runs").iterdir())
-    assert len(folders) == 6, [f.name for f in folders]
+    assert len(folders) == 4, [f.name for f in folders]
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 6
+    assert len(runs) == 4
     by_checkpoint = {r.data.tags["checkpoint_sha256"]: r for r in runs}
     seen_seeds = set()
     for folder in folders:
@@ -52,8 +52,8 @@ def test_six_runs_started_in_the_same_second(tmp_path: Path) -> None:
         prepared = json.loads((project / run.data.params["paths.prepared"] / "target" / "meta.json").read_text())
         assert run.data.tags["data_hash"] == prepared["meta"]["data_hash"]
         seen_seeds.add(seed)
-    assert seen_seeds == {str(s) for s in range(6)}
-    assert len({r.data.tags["weights_hash"] for r in runs}) == 6  # each seed pretrained its own backbone
+    assert seen_seeds == {str(s) for s in range(4)}
+    assert len({r.data.tags["weights_hash"] for r in runs}) == 4  # each seed pretrained its own backbone
 
 
 PREPARE_SHARED = """

@@ -292,13 +292,13 @@ def server_on_postgres(postgres: str, tmp_path: Path, monkeypatch: pytest.Monkey
 EPOCHS = 3
 
 
-def _eight_parallel(project: Path, experiment: str, *tracking: str) -> tuple[list, list[Path]]:
-    """8 jobs at once (joblib, 8 workers), 3 epochs each; their runs and output folders."""
+def _eight_parallel(project: Path, experiment: str, *tracking: str, jobs: int = 8) -> list[Path]:
+    """``jobs`` jobs at once (joblib, a worker each), 3 epochs each; their output folders."""
     sweep = project / "outputs" / "sweeps" / experiment
-    _app(project, "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=8", f"hydra.sweep.dir={sweep}",
-         "regularisation.dropout.hidden=" + ",".join(f"0.{i}" for i in range(1, 9)), *TINY,
+    _app(project, "-m", "hydra/launcher=parallel", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={sweep}",
+         "regularisation.dropout.hidden=" + ",".join(f"0.{i}" for i in range(1, jobs + 1)), *TINY,
          f"trainer.epochs={EPOCHS}", f"tracking.experiment={experiment}", *tracking)
-    return [sweep / str(job) for job in range(8)]
+    return [sweep / str(job) for job in range(jobs)]
 
 
 def _lost_records(client, runs: list, folders: list[Path]) -> list[str]:

@@ -16,16 +16,17 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.mark.slow
-def test_eight_parallel_runs_into_the_sqlite_default(project: Path) -> None:
+def test_parallel_runs_into_the_sqlite_default(project: Path) -> None:
     """The same load on the default store: one SQLite file that every process writes. Each run's records go
     through its spool (tracking/tracker.py), which retries whatever the store refuses (a locked database),
-    so nothing is lost here either; measured outcome on 2 cores: 8 FINISHED runs, complete histories."""
+    so nothing is lost here either; measured outcome on 2 cores: 8 FINISHED runs, complete histories (the
+    test runs 4 at once, to keep the suite's time)."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
-    folders = _eight_parallel(project, "parallel-sqlite")
+    folders = _eight_parallel(project, "parallel-sqlite", jobs=4)
     parent, children = _sweep_family(_runs(uri, "parallel-sqlite"))
-    assert parent.info.status == "FINISHED" and len(children) == 8
+    assert parent.info.status == "FINISHED" and len(children) == 4
     assert _lost_records(MlflowClient(uri), children, folders) == []
 
 
