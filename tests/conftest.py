@@ -12,6 +12,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Parallel test workers (pytest-xdist) share the CPUs: each worker, and every process it starts, gets
+# CPUs // workers threads (OMP_NUM_THREADS, which the training code honours), unless the caller set it.
+# Without this each of them takes every CPU and the suite spends a third of its time oversubscribed.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This interpreter's bin first on PATH, so `python`, `dvc` and `mlflow`
@@ -123,3 +130,10 @@ def prepared_from(train, val, *, num_classes: int = 10):  # type: ignore[no-unty
     splits = {"train": Split(train.images, train.labels), "val": Split(val.images, val.labels),
               "test": Split(val.images, val.labels)}
     return PreparedData(splits, [str(i) for i in range(num_classes)], mean, std)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow end-to-end tests first (in-file order kept): xdist hands whole files to the workers
+    in this order, so the long ones start early and the workers finish together."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

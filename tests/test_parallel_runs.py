@@ -100,8 +100,11 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _start(n: int, mode: str, root: Path, signals: Path) -> list[subprocess.Popen]:
+def _start(n: int, mode: str, root: Path, signals: Path, omp: str | None = None) -> list[subprocess.Popen]:
     env = subprocess_env(DVC_ROOT=str(root))
+    env.pop("OMP_NUM_THREADS", None)
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = omp
     return [subprocess.Popen([sys.executable, "-c", THREADS, mode, str(signals)], cwd=root, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
 
@@ -136,6 +139,9 @@ def test_threads_are_split_among_the_live_training_processes(tmp_path: Path) -> 
     # trainer.num_threads set: that many, and the process does not take a share from the others.
     assert _threads(_start(2, "3", root, signals), signals) == [3, 3]
     assert not list(jobs.iterdir())
+    # OMP_NUM_THREADS (torch's own setting) is the number of CPUs to share, as a scheduler's cgroup would be.
+    assert _threads(_start(1, "auto", root, signals, omp="3"), signals) == [3]
+    assert _threads(_start(2, "auto", root, signals, omp="3"), signals) == [1, 1]
 
 
 def test_a_queued_dvc_experiment_registers_in_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

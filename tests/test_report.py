@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, copy_project, subprocess_env
 from transferlab.errors import ConfigError
@@ -139,11 +140,22 @@ def test_quick_report_end_to_end_and_its_rerun_reuses_the_runs(tmp_path: Path) -
     assert linked == {c.info.run_id for c in children}  # every run reported, and every reported run exists
     assert {a.path for a in client.list_artifacts(parent_id, "report")} == {"report/report.md", "report/report.html"}
 
+    # The rerun goes through the report's DVC stage (reports/ is a DVC project of its own), pointed at this
+    # quick report: it reuses every run, and the pipeline's own `dvc status` never sees the stage.
+    stage = yaml.safe_load((project / "reports" / "dvc.yaml").read_text())
+    report = stage["stages"]["report"]
+    assert report["cmd"] == "cd .. && env -u DVC_ROOT python -m transferlab report" and report["always_changed"] is True
+    report["cmd"] += " --quick " + " ".join(TINY)
+    report["outs"] = [{out.replace("default/", "quick/"): spec} for item in report["outs"] for out, spec in item.items()]
+    (project / "reports" / "dvc.yaml").write_text(yaml.safe_dump(stage))
     started = time.perf_counter()
-    again = _report(project, "--quick", *TINY)
+    again = subprocess.run(["dvc", "repro"], cwd=project / "reports", env=subprocess_env(), capture_output=True,
+                           text=True, timeout=240)
     elapsed = time.perf_counter() - started
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 jobs run now, 6 reused" in again.stdout
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "Running stage 'report'" in again.stdout and "0 jobs run now, 6 reused" in again.stdout, again.stdout
     assert elapsed < 30, elapsed
+    status = subprocess.run(["dvc", "status"], cwd=project, env=subprocess_env(), capture_output=True, text=True)
+    assert status.returncode == 0 and "report:" not in status.stdout, status.stdout
     assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")) == 6
     assert set(re.findall(r"/runs/(\w{32})\)", (project / "reports" / "quick" / "report.md").read_text())) == linked

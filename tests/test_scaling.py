@@ -189,17 +189,22 @@ def test_an_optuna_study_stopped_by_sigterm_resumes_to_its_trial_count(project: 
     import optuna
 
     _optuna(project, 6, stop_at_job=4)  # trials 0-3 finish, trial 4 is stopped
-    again = _optuna(project, 2)
-    assert "sweep: resuming" in again and "Using an existing study with name 'dropout'" in again
-
     sweep = project / "outputs" / "sweeps" / "dropout"
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep / 'optuna.db'}",
                                          engine_kwargs={"isolation_level": "AUTOCOMMIT"})
+    stopped = optuna.load_study(study_name="dropout", storage=storage).trials[4]
+    assert stopped.state.name == "RUNNING" and stopped.params
+    again = _optuna(project, 2)
+    assert "sweep: resuming" in again and "Using an existing study with name 'dropout'" in again
+    assert "sweep: Optuna trial 4 was stopped mid-run; it runs again first" in again
+
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name="dropout", storage=storage).trials
     states = [t.state.name for t in trials]
     assert summary.study_name == "dropout" and summary.direction.name == "MAXIMIZE"
-    assert states.count("COMPLETE") == 6 and states == ["COMPLETE"] * 4 + ["RUNNING"] + ["COMPLETE"] * 2, states
+    # The stopped trial 4 ran again with the parameters it had drawn: 6 trials, all complete, none RUNNING.
+    assert states == ["COMPLETE"] * 6, states
+    assert trials[4].params == stopped.params
     for t in trials:  # the log-scale ranges of the preset
         assert 0.01 <= t.params["regularisation.dropout.input"] <= 0.5
         assert 0.02 <= t.params["regularisation.dropout.hidden"] <= 0.8

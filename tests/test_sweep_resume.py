@@ -52,7 +52,8 @@ def test_an_interrupted_sweep_resumes_under_its_parent_without_retraining_finish
     again = _sweep(cwd, sweep)
     assert "sweep: resuming" in again
     assert "sweep job 0: finished earlier" in again and "sweep job 1: finished earlier" in again
-    assert "finetune: resuming after epoch 1" in again
+    # Killed at the line of epoch 2: epoch 1 is saved, and under load epoch 2 may be too.
+    assert re.search(r"finetune: resuming after epoch [12]\b", again), again[-3000:]
     assert again.count("finetune epoch 1/3") == 1  # only job 3 trains from its first epoch
 
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")

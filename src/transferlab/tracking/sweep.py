@@ -45,6 +45,7 @@ class SweepRuns(Callback):
             print(f"sweep: resuming {sweep_dir} (MLflow parent run {parent.run_id}): finished jobs are skipped, "
                   "an interrupted one continues")
             _open.append(parent)
+            _requeue_stopped_trials(config)
             return
         parent = Tracker.start(uri=config.tracking.uri, experiment=config.tracking.experiment,
                                run_name=f"sweep-{sweep_dir.name}",
@@ -57,6 +58,30 @@ class SweepRuns(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         close_sweep(register=config.tracking.register, alias=config.tracking.register_alias,
                     metric=config.optimized_metric)
+
+
+def _requeue_stopped_trials(config: DictConfig) -> None:
+    """An Optuna sweep (``hparams_search``) resumed in its sweep folder: each trial that the stopped sweep left
+    RUNNING goes back to Optuna's queue (WAITING), which the sweeper's ``study.ask()`` takes first, keeping the
+    parameters the trial had drawn. So it runs again as one of this invocation's trials, and the study ends with
+    the trials asked for, none left RUNNING. The study belongs to this sweep folder (its preset keeps it in
+    ``<sweep dir>/optuna.db``): a trial RUNNING there at the sweep's start was stopped, not running elsewhere."""
+    sweeper = config.hydra.sweeper
+    if "study_name" not in sweeper or not sweeper.get("storage"):
+        return
+    import optuna
+    from hydra.utils import instantiate
+    from optuna.trial import TrialState
+
+    storage = sweeper.storage
+    storage = instantiate(storage) if isinstance(storage, DictConfig) else optuna.storages.get_storage(storage)
+    try:
+        study = optuna.load_study(study_name=sweeper.study_name, storage=storage)
+    except KeyError:  # no such study yet
+        return
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state(trial._trial_id, TrialState.WAITING)  # Optuna's own queue (enqueue_trial's state)
+        print(f"sweep: Optuna trial {trial.number} was stopped mid-run; it runs again first, with its parameters")
 
 
 # Whether a larger value of each validation metric a sweep may optimise (``optimized_metric``) is better.

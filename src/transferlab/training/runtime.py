@@ -76,7 +76,11 @@ def _alive(pid: int) -> bool:
 
 
 def _cpu_count() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. under taskset or SLURM), else all."""
+    """CPUs this process may use: ``OMP_NUM_THREADS`` when set (torch's own setting, which a plain
+    ``torch.set_num_threads`` would otherwise override), else its affinity mask (taskset, SLURM), else all."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp)
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
