@@ -103,3 +103,6 @@ def test_queued_experiments_land_in_the_project_store(reproduced: Path, tmp_path
         assert r.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1]
         assert "test_acc" in r.data.metrics
+    # Each experiment recomposed params.yaml from its -S overrides, and `dvc exp show` holds its metrics.
+    shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
+    assert "test_acc" in shown and '"hidden": 0.1' in shown and '"hidden": 0.3' in shown, shown[:3000]
