@@ -377,6 +377,11 @@ def test_hits_count_soft_targets_against_their_dominant_class() -> None:
     (["augment=digits", "augment.p=0.3"], "augment.p: augmentation 'digits' takes no 'p'"),
     (["augment=flip", "augment.policy=rand"], "augment.policy: augmentation 'flip' takes no 'policy'"),
     (["trainer.class_weight=inverse"], "trainer.class_weight: must be null or one of ['balanced'], got 'inverse'"),
+    # The source task's own augmentation (pretrain.augment), checked as the target's is, under its own key:
+    (["pretrain.augment.name=digits", "+pretrain.augment.translate=1.0"],
+     "pretrain.augment.translate: must be in [0, 1) (of the image's side), got 1.0"),
+    (["pretrain.augment.name=bogus"], "pretrain.augment.name: Unknown augmentation 'bogus'"),
+    (["+pretrain.augment.p=0.3"], "pretrain.augment.p: augmentation 'none' takes no 'p'"),
 ])
 def test_bad_augment_settings_are_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -662,10 +662,16 @@ def test_the_source_task_trains_with_pretrain_s_own_recipe(digits: tuple[Batches
     t = build_training(source_task_config(cfg), prepared_from(*digits))
     assert isinstance(t.optimizer, torch.optim.Adam) and t.optimizer.param_groups[0]["lr"] == 0.003
     assert isinstance(t.schedule.inner, torch.optim.lr_scheduler.LambdaLR)  # cosine
+    # Not the target task's augmentation (flip): the source task's own, none by default.
     assert (t.settings.epochs, t.settings.batch_size, t.settings.augment) == (2, 16, None)
     # The schema's default regularisation, not the target task's (input dropout 0.3, mlp head):
     assert t.spec.head.name == "linear" and t.spec.dropout == DropoutConfig()
     assert [m.p for m in t.model.modules() if isinstance(m, nn.Dropout)] == [DropoutConfig().input]
+
+    cfg.pretrain.augment = AugmentConfig(name="digits", degrees=5.0)
+    source = source_task_config(cfg)
+    assert source.augment == AugmentConfig(name="digits", degrees=5.0)
+    assert build_training(source, prepared_from(*digits)).settings.augment is not None
 
 
 def test_the_default_source_recipe_is_sgd_nesterov_with_one_cycle() -> None:

@@ -235,6 +235,7 @@ class PretrainConfig:
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4))
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(name="onecycle"))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the source task's own augmentation
 
 
 @dataclass

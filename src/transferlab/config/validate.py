@@ -30,7 +30,8 @@ def option_registries() -> dict[str, Any]:
     from transferlab.training.optim import OPTIMIZERS, SCHEDULERS
 
     return {"backbone": BACKBONES, "head": HEADS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
-            "augment": AUGMENTATIONS, "pretrain.optimizer": OPTIMIZERS, "pretrain.scheduler": SCHEDULERS}
+            "augment": AUGMENTATIONS, "pretrain.optimizer": OPTIMIZERS, "pretrain.scheduler": SCHEDULERS,
+            "pretrain.augment": AUGMENTATIONS}
 
 
 def _child_schema(node: Any, name: str) -> Any:
@@ -130,6 +131,30 @@ def check_override_keys(overrides: Iterable[str], groups: Iterable[str]) -> None
 
 
 
+def _check_augment(a: Any, key: str) -> None:
+    """An augmentation's choice and keys (``augment``, ``pretrain.augment``)."""
+    from transferlab.training.augment import MAGNITUDE_BINS, list_augmentations
+    from transferlab.training.augment import POLICIES as AUGMENT_POLICIES
+
+    _one_of(a.name, list_augmentations(), f"{key}.name", "augmentation")
+    for name in ("p", "erase_p", "mix_prob", "switch_prob"):
+        value = getattr(a, name)
+        _check(0.0 <= value <= 1.0, f"{key}.{name}", f"must be a probability in [0, 1], got {value}")
+    _check(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, f"{key}.scale",
+           f"must be [min, max] with 0 < min <= max <= 1 (of the image's area), got {list(a.scale)}")
+    _check(len(a.ratio) == 2 and 0 < a.ratio[0] <= a.ratio[1], f"{key}.ratio",
+           f"must be [min, max] with 0 < min <= max (width / height), got {list(a.ratio)}")
+    _one_of(a.policy, AUGMENT_POLICIES, f"{key}.policy", "augmentation policy")
+    _check(a.num_ops >= 1, f"{key}.num_ops", f"must be >= 1, got {a.num_ops}")
+    _check(0 <= a.magnitude < MAGNITUDE_BINS, f"{key}.magnitude",
+           f"must be a magnitude bin in [0, {MAGNITUDE_BINS - 1}], got {a.magnitude}")
+    _check(0.0 <= a.degrees <= 180.0, f"{key}.degrees", f"must be in [0, 180], got {a.degrees}")
+    _check(0.0 <= a.translate < 1.0, f"{key}.translate", f"must be in [0, 1) (of the image's side), got {a.translate}")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        value = getattr(a, name)
+        _check(value >= 0, f"{key}.{name}", f"must be >= 0 (0: off), got {value}")
+
+
 def _check_optimizer(o: Any, key: str) -> None:
     from transferlab.training.optim import list_optimizers
 
@@ -209,8 +234,6 @@ def validate(cfg: ExperimentConfig) -> None:
     from transferlab.models.backbones import BACKBONES
     from transferlab.models.heads import CLASS_WEIGHTS, POOLINGS, list_heads
     from transferlab.models.activations import list_activations
-    from transferlab.training.augment import MAGNITUDE_BINS, list_augmentations
-    from transferlab.training.augment import POLICIES as AUGMENT_POLICIES
     from transferlab.models.weights import check_weights_spec
 
     d = cfg.data
@@ -291,24 +314,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_optimizer(cfg.optimizer, "optimizer")
     _check_scheduler(cfg.scheduler, cfg.optimizer, "scheduler")
 
-    a = cfg.augment
-    _one_of(a.name, list_augmentations(), "augment.name", "augmentation")
-    for name in ("p", "erase_p", "mix_prob", "switch_prob"):
-        value = getattr(a, name)
-        _check(0.0 <= value <= 1.0, f"augment.{name}", f"must be a probability in [0, 1], got {value}")
-    _check(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, "augment.scale",
-           f"must be [min, max] with 0 < min <= max <= 1 (of the image's area), got {list(a.scale)}")
-    _check(len(a.ratio) == 2 and 0 < a.ratio[0] <= a.ratio[1], "augment.ratio",
-           f"must be [min, max] with 0 < min <= max (width / height), got {list(a.ratio)}")
-    _one_of(a.policy, AUGMENT_POLICIES, "augment.policy", "augmentation policy")
-    _check(a.num_ops >= 1, "augment.num_ops", f"must be >= 1, got {a.num_ops}")
-    _check(0 <= a.magnitude < MAGNITUDE_BINS, "augment.magnitude",
-           f"must be a magnitude bin in [0, {MAGNITUDE_BINS - 1}], got {a.magnitude}")
-    _check(0.0 <= a.degrees <= 180.0, "augment.degrees", f"must be in [0, 180], got {a.degrees}")
-    _check(0.0 <= a.translate < 1.0, "augment.translate", f"must be in [0, 1) (of the image's side), got {a.translate}")
-    for name in ("mixup_alpha", "cutmix_alpha"):
-        value = getattr(a, name)
-        _check(value >= 0, f"augment.{name}", f"must be >= 0 (0: off), got {value}")
+    _check_augment(cfg.augment, "augment")
 
     t = cfg.trainer
     _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
@@ -363,6 +369,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(p.epochs >= 1, "pretrain.epochs", f"must be >= 1, got {p.epochs}")
     _check_optimizer(p.optimizer, "pretrain.optimizer")
     _check_scheduler(p.scheduler, p.optimizer, "pretrain.scheduler")
+    _check_augment(p.augment, "pretrain.augment")
     _check(p.batch_size >= 1, "pretrain.batch_size", f"must be >= 1, got {p.batch_size}")
 
 

@@ -17,7 +17,7 @@ import torch
 
 from transferlab.errors import ConfigError
 from transferlab.config.schema import (
-    AugmentConfig, ExperimentConfig, HeadConfig, RegularisationConfig, TrainerConfig,
+    ExperimentConfig, HeadConfig, RegularisationConfig, TrainerConfig,
 )
 from transferlab.data import PreparedData
 from transferlab.models.assemble import FineTuneModel, ModelSpec, build_model
@@ -182,13 +182,13 @@ def plan_placement(cfg: ExperimentConfig, data: PreparedData, device: torch.devi
 
 def source_task_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The source task's experiment: the same backbone with a plain linear head, the schema's default
-    regularisation (input dropout only: no freezing, no max-norm), no augmentation, no class weights,
-    accumulation, clipping, early stopping or EMA, trained with ``pretrain``'s own recipe (optimizer,
-    scheduler, epochs, batch size); the trainer's device settings (amp, channels-last, compile) carry over."""
+    regularisation (input dropout only: no freezing, no max-norm), no class weights, accumulation,
+    clipping, early stopping or EMA, trained with ``pretrain``'s own recipe (optimizer, scheduler,
+    augmentation, epochs, batch size); the trainer's device settings (amp, channels-last, compile) carry over."""
     p = cfg.pretrain
     plain = TrainerConfig()  # the fine-tuning controls (accumulation, clipping, EMA, ...) stay with finetune
     trainer = replace(cfg.trainer, epochs=p.epochs, batch_size=p.batch_size, monitor="val_acc", max_steps=None,
                       class_weight=None, accumulate_grad_batches=1, gradient_clip_val=None,
                       early_stopping=plain.early_stopping, ema=plain.ema)
     return replace(cfg, head=HeadConfig(name="linear"), regularisation=RegularisationConfig(),
-                   optimizer=p.optimizer, scheduler=p.scheduler, augment=AugmentConfig(name="none"), trainer=trainer)
+                   optimizer=p.optimizer, scheduler=p.scheduler, augment=p.augment, trainer=trainer)
