@@ -52,7 +52,7 @@ def test_the_key_follows_the_pretraining_setting_only(tmp_path: Path) -> None:
         assert pretrained_key(_cfg(tmp_path, *same)) == base, same
     # ... the data, seed, backbone, pretrain recipe and the trainer's kernels do not.
     for other in (["seed=1"], ["pretrain.epochs=2"], ["pretrain.optimizer.lr=0.1"], ["pretrain.batch_size=32"],
-                  ["backbone.width=16"], ["data.max_per_class=20"], ["pretrain.max_per_class=20"],
+                  ["pretrain.input_dropout=0.0"], ["backbone.width=16"], ["data.max_per_class=20"], ["pretrain.max_per_class=20"],
                   ["trainer.amp=true"], ["trainer.channels_last=true"], ["trainer.compile=true"]):
         assert pretrained_key(_cfg(tmp_path, *other)) != base, other
 

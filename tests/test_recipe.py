@@ -143,6 +143,17 @@ def test_the_pixel_baseline_is_logged_beside_the_model(tmp_path: Path, monkeypat
     sidecar = json.loads(Path(cfg.paths.weights).with_suffix(".json").read_text())
     assert metrics["source_val_acc"] == pytest.approx(sidecar["source_task"]["val_acc"])
     assert 0 <= metrics["probe_val_acc"] <= 1 and 0 <= metrics["baseline_val_acc"] <= 1
+    # The preset re-initialises the last layer; the probe still scores the loaded weights, exactly.
+    from dataclasses import replace
+
+    from transferlab.baselines import linear_probe
+    from transferlab.models.weights import read_weights_file
+
+    assert cfg.backbone.reinit_last_n == 1 and "finetune: backbone.reinit_last_n=1: ['block3'] start from" in out
+    loaded = build_training(replace(cfg, backbone=replace(cfg.backbone, reinit_last_n=0)), data,
+                            weights_meta=sidecar, backbone_state=read_weights_file(cfg.paths.weights))
+    assert metrics["probe_val_acc"] == pytest.approx(
+        linear_probe(loaded.model, data, batch_size=cfg.trainer.eval_batch_size), abs=1e-12)
     assert f"logistic regression on pixels: {expected:.4f}" in out
     assert ("finetune: warning: the initial backbone looks weak" in out) == (
         metrics["probe_val_acc"] < metrics["baseline_val_acc"])

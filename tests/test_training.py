@@ -664,14 +664,89 @@ def test_the_source_task_trains_with_pretrain_s_own_recipe(digits: tuple[Batches
     assert isinstance(t.schedule.inner, torch.optim.lr_scheduler.LambdaLR)  # cosine
     # Not the target task's augmentation (flip): the source task's own, none by default.
     assert (t.settings.epochs, t.settings.batch_size, t.settings.augment) == (2, 16, None)
-    # The schema's default regularisation, not the target task's (input dropout 0.3, mlp head):
-    assert t.spec.head.name == "linear" and t.spec.dropout == DropoutConfig()
-    assert [m.p for m in t.model.modules() if isinstance(m, nn.Dropout)] == [DropoutConfig().input]
+    # pretrain.input_dropout (0.2 by default), not the target task's regularisation (input dropout 0.3, mlp head):
+    assert t.spec.head.name == "linear" and t.spec.dropout == DropoutConfig(input=0.2)
+    assert [m.p for m in t.model.modules() if isinstance(m, nn.Dropout)] == [0.2]
+    cfg.pretrain.input_dropout = 0.0
+    assert not [m for m in build_training(source_task_config(cfg), prepared_from(*digits)).model.modules()
+                if isinstance(m, nn.Dropout)]
 
     cfg.pretrain.augment = AugmentConfig(name="digits", degrees=5.0)
     source = source_task_config(cfg)
     assert source.augment == AugmentConfig(name="digits", degrees=5.0)
     assert build_training(source, prepared_from(*digits)).settings.augment is not None
+
+
+def test_reinit_last_n_gives_the_top_layers_fresh_weights_and_keeps_the_rest(
+        digits: tuple[Batches, Batches]) -> None:
+    """Exact: the last layer's parameters and BatchNorm buffers are a fresh init under the run's seed (what
+    weights=null draws), the earlier layers hold the loaded tensors, and the run's own draws (the head) are
+    those of the same run without reinit."""
+    from transferlab.config.schema import FreezeConfig, RegularisationConfig
+    from transferlab.errors import ConfigError, WeightsError
+    from transferlab.models.assemble import build_backbone
+    from transferlab.training.build import build_training
+
+    def cfg(reinit: int, **freeze: object) -> ExperimentConfig:
+        return ExperimentConfig(seed=3, backbone=BackboneConfig(name="small_cnn", channels=1, width=8, depth=3,
+                                                                weights="source", reinit_last_n=reinit),
+                                regularisation=RegularisationConfig(freeze=FreezeConfig(**freeze)))
+
+    torch.manual_seed(100)
+    loaded = build_backbone(cfg(0).backbone).module
+    for name, buf in loaded.named_buffers():  # BatchNorm statistics as a trained backbone's, not the init's
+        if buf.is_floating_point():
+            buf.copy_(torch.rand_like(buf) + 0.5)
+    state = {k: v.clone() for k, v in loaded.state_dict().items()}
+    torch.manual_seed(3)
+    fresh = build_backbone(cfg(0).backbone).module.state_dict()
+
+    torch.manual_seed(7)
+    plain = build_training(cfg(0), prepared_from(*digits), backbone_state=state)
+    torch.manual_seed(7)
+    t = build_training(cfg(1), prepared_from(*digits), backbone_state=state)
+    assert t.reinitialised == ("block3",) and plain.reinitialised == ()
+    got = t.backbone.module.state_dict()
+    for key, value in got.items():
+        expected = fresh[key] if key.startswith("block3.") else state[key]
+        assert torch.equal(value, expected), key
+    assert any(not torch.equal(fresh[k], state[k]) for k in got if k.startswith("block3."))
+    for a, b in zip(plain.model.head.parameters(), t.model.head.parameters()):
+        assert torch.equal(a, b)
+    # Two layers: block2 too.
+    two = build_training(cfg(2), prepared_from(*digits), backbone_state=state)
+    assert two.reinitialised == ("block2", "block3")
+    assert torch.equal(two.backbone.module.block2[0].weight, fresh["block2.0.weight"])
+    assert torch.equal(two.backbone.module.block1[0].weight, state["block1.0.weight"])
+
+    # A re-initialised layer that freezing would keep fixed, more layers than the backbone has: refused.
+    with pytest.raises(ConfigError, match=r"^backbone\.reinit_last_n=2 re-initialises \['block2'\], which "
+                                          r"regularisation\.freeze also freezes"):
+        build_training(cfg(2, first_n=2), prepared_from(*digits), backbone_state=state)
+    with pytest.raises(WeightsError, match=r"^backbone\.reinit_last_n=4, but the backbone has only 3 layers"):
+        build_training(cfg(4), prepared_from(*digits), backbone_state=state)
+    # Without loaded weights (weights=null) every layer is random already: nothing to do.
+    scratch = cfg(1)
+    scratch.backbone.weights = None
+    assert build_training(scratch, prepared_from(*digits)).reinitialised == ()
+
+
+def test_a_negative_reinit_last_n_is_refused_before_any_work() -> None:
+    from conftest import REPO
+    from transferlab.compose import compose
+    from transferlab.config.validate import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^backbone\.reinit_last_n: must be >= 0, got -1"):
+        load_config(compose(["backbone.reinit_last_n=-1"], config_dir=REPO / "conf"))
+
+
+def test_a_bad_source_input_dropout_is_refused_before_any_work() -> None:
+    from conftest import REPO
+    from transferlab.compose import compose
+    from transferlab.config.validate import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^pretrain\.input_dropout: must be a probability in \[0, 1\), got 1\.0"):
+        load_config(compose(["pretrain.input_dropout=1.0"], config_dir=REPO / "conf"))
 
 
 def test_the_default_source_recipe_is_sgd_nesterov_with_one_cycle() -> None:

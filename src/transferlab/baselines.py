@@ -75,4 +75,5 @@ def weak_backbone_warning(probe_val_acc: float, baseline_val_acc: float,
     source = f" (its source task reached val_acc={source_val_acc:.3f})" if source_val_acc is not None else ""
     return (f"the initial backbone looks weak for this task{source}: a linear probe on its frozen features "
             f"scores val_acc={probe_val_acc:.3f}, below logistic regression on the pixels "
-            f"({baseline_val_acc:.3f}); train the source task longer (pretrain.epochs) or choose other weights")
+            f"({baseline_val_acc:.3f}); train the source task longer (pretrain.epochs), re-initialise its top "
+            f"layers (backbone.reinit_last_n) or choose other weights")

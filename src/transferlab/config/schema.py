@@ -56,6 +56,9 @@ class BackboneConfig:
     # earlier run used), else the data's size, at least the backbone's minimum.
     input_size: Optional[int] = None
     channels: int = 1  # channels the backbone expects; grayscale data is repeated to 3
+    # Re-initialise the last N layers (README: "What is a layer") after loading the weights: the early,
+    # generic layers transfer, the top ones relearn (with weights=null every layer is random already).
+    reinit_last_n: int = 0
     width: int = 32  # small_cnn: channels of the first block (doubles per block)
     depth: int = 3  # small_cnn: number of conv blocks
     hidden: List[int] = field(default_factory=list)  # mlp backbone: hidden layer sizes
@@ -236,6 +239,7 @@ class PretrainConfig:
         name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4))
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(name="onecycle"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # the source task's own augmentation
+    input_dropout: float = 0.2  # the source task's dropout on the pixels (the note's 20%; its head is linear)
 
 
 @dataclass

@@ -269,6 +269,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(b.channels in (1, 3), "backbone.channels", f"must be 1 or 3, got {b.channels}")
     _check(b.width >= 1, "backbone.width", f"must be >= 1, got {b.width}")
     _check(b.depth >= 1, "backbone.depth", f"must be >= 1, got {b.depth}")
+    _check(b.reinit_last_n >= 0, "backbone.reinit_last_n", f"must be >= 0, got {b.reinit_last_n}")
     _check(all(h >= 1 for h in b.hidden), "backbone.hidden", f"sizes must be >= 1, got {list(b.hidden)}")
     _one_of(b.activation, list_activations(), "backbone.activation", "activation")
     check_weights_spec(b.name, b.weights, key="backbone.weights")
@@ -370,6 +371,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_optimizer(p.optimizer, "pretrain.optimizer")
     _check_scheduler(p.scheduler, p.optimizer, "pretrain.scheduler")
     _check_augment(p.augment, "pretrain.augment")
+    _probability(p.input_dropout, "pretrain.input_dropout")
     _check(p.batch_size >= 1, "pretrain.batch_size", f"must be >= 1, got {p.batch_size}")
 
 

@@ -360,6 +360,28 @@ def load_backbone_state(backbone: Backbone, state: dict[str, torch.Tensor], *, s
     return report
 
 
+def reinit_last_layers(backbone: Backbone, n: int, fresh: Backbone) -> list[str]:
+    """Give the backbone's last ``n`` layers (:func:`~transferlab.models.backbones.backbone_layers`) the
+    weights of ``fresh``, the same backbone freshly initialised (its own init, as ``weights=null`` gets):
+    parameters and buffers (BatchNorm statistics) alike. The earlier layers keep what was loaded.
+    Returns the layers' names."""
+    from transferlab.models.backbones import backbone_layers
+
+    layers = backbone_layers(backbone)
+    if n > len(layers):
+        raise WeightsError(f"backbone.reinit_last_n={n}, but the backbone has only {len(layers)} layers: "
+                           f"{[layer.name for layer in layers]}")
+    chosen = layers[len(layers) - n:] if n else []
+    own, new = backbone.module.state_dict(), fresh.module.state_dict()
+    keys = set()
+    for layer in chosen:
+        path = layer.name.split("+")[0]
+        keys.update(layer.params)
+        keys.update(k for k in own if k.startswith(path + "."))
+    backbone.module.load_state_dict({k: new[k] for k in keys}, strict=False)
+    return [layer.name for layer in chosen]
+
+
 def save_weights(path: str | Path, backbone: Backbone, meta: dict[str, Any]) -> None:
     """Write the backbone's weights and their sidecar JSON atomically."""
     from safetensors.torch import save_file

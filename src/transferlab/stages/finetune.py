@@ -7,11 +7,13 @@ best checkpoint, and records everything in a new MLflow run.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ from transferlab.config.schema import ExperimentConfig
 from transferlab.data import PreparedData, load_prepared
 from transferlab.models.assemble import SPEC_FILE, save_spec
 from transferlab.models.backbones import backbone_layers
-from transferlab.models.weights import read_weights_file, read_weights_meta
+from transferlab.models.weights import load_backbone_state, read_weights_file, read_weights_meta
 from transferlab.training.augment import augment_warnings
 from transferlab.training.build import Training, build_training
 from transferlab.training.loop import Batches, FitResult
@@ -97,6 +99,9 @@ def run(cfg: ExperimentConfig, *, tags: dict[str, str] | None = None) -> tuple[s
         print(f"finetune: {t.cfg.trainer.epochs} epochs of {t.optimiser_steps} optimiser steps "
               f"({len(data.splits['train'])} training images): trainer.max_steps={cfg_in.trainer.max_steps} "
               f"comes before trainer.epochs={cfg_in.trainer.epochs}")
+    if t.reinitialised:
+        print(f"finetune: backbone.reinit_last_n={cfg.backbone.reinit_last_n}: {list(t.reinitialised)} start from "
+              "a fresh init, the layers before them from the loaded weights")
     for warning in t.plan.warnings:
         print(f"finetune: warning: {warning}")
 
@@ -225,7 +230,12 @@ def _check_initial_backbone(tracker: "Tracker", t: Training, data: PreparedData,
         tracker.log_metrics({"source_val_acc": float(source_val_acc)})
     if t.cfg.baseline is None or t.cfg.backbone.weights is None:  # a random init has nothing to probe
         return
-    probe = linear_probe(t.model, data, batch_size=t.cfg.trainer.eval_batch_size)
+    model = t.model
+    if t.reinitialised:  # probe the loaded weights, not the fresh top layers the run starts from
+        model = copy.deepcopy(t.model)
+        load_backbone_state(replace(t.backbone, module=model.backbone), read_weights_file(t.cfg.paths.weights),
+                            source=t.cfg.paths.weights)
+    probe = linear_probe(model, data, batch_size=t.cfg.trainer.eval_batch_size)
     baseline = pixel_baseline(data, "val")
     tracker.log_metrics({"probe_val_acc": probe, "baseline_val_acc": baseline})
     print(f"finetune: linear probe on the initial backbone val_acc={probe:.4f}, {t.cfg.baseline} regression on "

@@ -17,10 +17,10 @@ import torch
 
 from transferlab.errors import ConfigError
 from transferlab.config.schema import (
-    ExperimentConfig, HeadConfig, RegularisationConfig, TrainerConfig,
+    DropoutConfig, ExperimentConfig, HeadConfig, RegularisationConfig, TrainerConfig,
 )
 from transferlab.data import PreparedData
-from transferlab.models.assemble import FineTuneModel, ModelSpec, build_model
+from transferlab.models.assemble import FineTuneModel, ModelSpec, build_backbone, build_model
 from transferlab.models.backbones import Backbone, backbone_layers
 from transferlab.models.heads import class_weights
 from transferlab.training.augment import create_augment
@@ -53,6 +53,7 @@ class Training:
     placement: dict[str, str]  # train/val: resident on the device, or streamed to it
     ctx: Context  # torchrun's processes (one without torchrun)
     optimiser_steps: int  # per epoch
+    reinitialised: tuple[str, ...] = ()  # backbone layers given fresh weights (backbone.reinit_last_n)
 
     def batches(self, data: PreparedData, split: str) -> Batches | StreamedBatches:
         """A split of ``data`` for the loop: a uint8 copy resident on the device, or streamed to it; under
@@ -95,7 +96,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
     Under torchrun each process builds the same (:mod:`transferlab.training.distributed`); rank 0 alone
     writes ``checkpoint``.
     """
-    from transferlab.models.weights import load_backbone_state
+    from transferlab.models.weights import load_backbone_state, reinit_last_layers
 
     ctx = context(torch.device(device))
     device = device_for(torch.device(device), ctx)
@@ -115,11 +116,22 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
             raise ConfigError("trainer.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; this torchrun "
                               f"job trains on {device.type}")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the top module
+    reinit: list[str] = []
     if backbone_state is not None:
         load_backbone_state(backbone, backbone_state, source=weights_source)
+        if cfg.backbone.reinit_last_n:
+            with torch.random.fork_rng(devices=[]):  # the same draws for every process, the run's own untouched
+                torch.manual_seed(cfg.seed)
+                fresh = build_backbone(spec.backbone)
+            reinit = reinit_last_layers(backbone, cfg.backbone.reinit_last_n, fresh)
     f = cfg.regularisation.freeze
     plan = plan_freeze(model, backbone, first_n=f.first_n, patterns=list(f.patterns), whole_backbone=f.backbone,
                        method=f.method, pretrained=cfg.backbone.weights is not None)
+    fixed_random = [layer.name for layer in backbone_layers(backbone)
+                    if layer.name in reinit and any(f"backbone.{p}" in plan.frozen for p in layer.params)]
+    if fixed_random:
+        raise ConfigError(f"backbone.reinit_last_n={cfg.backbone.reinit_last_n} re-initialises {fixed_random}, which "
+                          "regularisation.freeze also freezes: they would stay random; freeze fewer layers")
     apply_freeze(model, plan)
     o, t = cfg.optimizer, cfg.trainer
     groups = param_groups(model, lr=scaled_lr(o, t.batch_size * t.accumulate_grad_batches),
@@ -150,7 +162,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
                                      min_delta=es.min_delta) if es.enabled else None,
         ema_decay=t.ema.decay if t.ema.enabled else None, ema_start_epoch=t.ema.start_epoch)
     return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device, placement,
-                    ctx, optimiser_steps)
+                    ctx, optimiser_steps, tuple(reinit))
 
 
 def batch_size_for(t: TrainerConfig, n_train: int) -> int:
@@ -181,14 +193,15 @@ def plan_placement(cfg: ExperimentConfig, data: PreparedData, device: torch.devi
 
 
 def source_task_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The source task's experiment: the same backbone with a plain linear head, the schema's default
-    regularisation (input dropout only: no freezing, no max-norm), no class weights, accumulation,
-    clipping, early stopping or EMA, trained with ``pretrain``'s own recipe (optimizer, scheduler,
-    augmentation, epochs, batch size); the trainer's device settings (amp, channels-last, compile) carry over."""
+    """The source task's experiment: the same backbone with a plain linear head, no regularisation but
+    ``pretrain.input_dropout`` (no freezing, no max-norm), no class weights, accumulation, clipping,
+    early stopping or EMA, trained with ``pretrain``'s own recipe (optimizer, scheduler, augmentation,
+    epochs, batch size); the trainer's device settings (amp, channels-last, compile) carry over."""
     p = cfg.pretrain
     plain = TrainerConfig()  # the fine-tuning controls (accumulation, clipping, EMA, ...) stay with finetune
     trainer = replace(cfg.trainer, epochs=p.epochs, batch_size=p.batch_size, monitor="val_acc", max_steps=None,
                       class_weight=None, accumulate_grad_batches=1, gradient_clip_val=None,
                       early_stopping=plain.early_stopping, ema=plain.ema)
-    return replace(cfg, head=HeadConfig(name="linear"), regularisation=RegularisationConfig(),
+    regularisation = RegularisationConfig(dropout=DropoutConfig(input=p.input_dropout))
+    return replace(cfg, head=HeadConfig(name="linear"), regularisation=regularisation,
                    optimizer=p.optimizer, scheduler=p.scheduler, augment=p.augment, trainer=trainer)
