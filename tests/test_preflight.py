@@ -27,6 +27,10 @@ LATE_CHECKS = [
      "error: regularisation.freeze.first_n=4, but the backbone has only 3 layers: ['block1', 'block2', 'block3']"),
     (["backbone=resnet18", "regularisation.freeze.first_n=7"],
      "error: regularisation.freeze.first_n=7, but the backbone has only 6 layers"),
+    (["backbone.reinit_last_n=4"],
+     "error: backbone.reinit_last_n=4, but the backbone has only 3 layers: ['block1', 'block2', 'block3']"),
+    (["backbone.reinit_last_n=3"],  # the preset freezes the first layer
+     "error: backbone.reinit_last_n=3 re-initialises ['block1'], which regularisation.freeze also freezes"),
     (["head=overcomplete", "head.num_units=3"], "error: head.num_units=3 is fewer than the 5 classes"),
     (["regularisation.freeze.patterns=[backbone.layer1.*]"],
      "error: regularisation.freeze.patterns: 'backbone.layer1.*' matches no parameter"),

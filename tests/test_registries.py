@@ -101,8 +101,9 @@ def test_toy_entries_train_through_the_normal_config_path(toys, tmp_path: Path, 
         (conf / group / "toy.yaml").write_text(text)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The default preset (source task on digits 0-4, then 5-9) with the toys chosen; tiny data:
-    # 10 images per class, so the 5-class target task's training split is one batch.
-    params = compose(["backbone=toy", "head=toy", "augment=toy", "data.max_per_class=10",
+    # 10 images per class, so the 5-class target task's training split is one batch. The toy backbone has
+    # one layer, which the preset freezes, so nothing is re-initialised.
+    params = compose(["backbone=toy", "head=toy", "augment=toy", "backbone.reinit_last_n=0", "data.max_per_class=10",
                       "pretrain.max_per_class=10", "pretrain.epochs=1", "trainer.epochs=1", "trainer.batch_size=64",
                       "trainer.progress=false", "tracking.log_graph=false", "tracking.log_model=false",
                       f"tracking.uri={store}", f"paths.cache={tmp_path / 'cache'}"], config_dir=conf)

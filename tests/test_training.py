@@ -683,7 +683,7 @@ def test_reinit_last_n_gives_the_top_layers_fresh_weights_and_keeps_the_rest(
     weights=null draws), the earlier layers hold the loaded tensors, and the run's own draws (the head) are
     those of the same run without reinit."""
     from transferlab.config.schema import FreezeConfig, RegularisationConfig
-    from transferlab.errors import ConfigError, WeightsError
+    from transferlab.errors import ConfigError
     from transferlab.models.assemble import build_backbone
     from transferlab.training.build import build_training
 
@@ -723,7 +723,7 @@ def test_reinit_last_n_gives_the_top_layers_fresh_weights_and_keeps_the_rest(
     with pytest.raises(ConfigError, match=r"^backbone\.reinit_last_n=2 re-initialises \['block2'\], which "
                                           r"regularisation\.freeze also freezes"):
         build_training(cfg(2, first_n=2), prepared_from(*digits), backbone_state=state)
-    with pytest.raises(WeightsError, match=r"^backbone\.reinit_last_n=4, but the backbone has only 3 layers"):
+    with pytest.raises(ConfigError, match=r"^backbone\.reinit_last_n=4, but the backbone has only 3 layers"):
         build_training(cfg(4), prepared_from(*digits), backbone_state=state)
     # Without loaded weights (weights=null) every layer is random already: nothing to do.
     scratch = cfg(1)

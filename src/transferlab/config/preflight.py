@@ -3,7 +3,7 @@
 :func:`load_config` checks each value on its own; :func:`preflight` checks
 what only the data's classes, the model's architecture or the tracking setup
 can tell: unknown class names, a head with fewer units than classes, a
-freezing or max-norm request that does not fit the model, a tracking store
+freezing, re-initialisation or max-norm request that does not fit the model, a tracking store
 or server that cannot be used. It runs the same code that would fail later
 (class selection, model assembly, freeze planning, max-norm selection), on
 class names from the source's metadata or folder listing and on a model
@@ -64,7 +64,7 @@ def check_model(cfg: ExperimentConfig, num_classes: int) -> None:
     from transferlab.models.assemble import ModelSpec, build_model
     from transferlab.models.backbones import min_input_size, skeleton
     from transferlab.training.freezing import plan_freeze
-    from transferlab.models.weights import kind_of, published_weights
+    from transferlab.models.weights import kind_of, published_weights, reinit_choice
     from transferlab.training.maxnorm import max_norm_weights
 
     # The input size decides no layer or parameter name except inception_v3's auxiliary branch (on from
@@ -85,7 +85,9 @@ def check_model(cfg: ExperimentConfig, num_classes: int) -> None:
         warnings.simplefilter("ignore")  # build-time notes (inception's aux branch) belong to the real build
         model, backbone = build_model(spec)
     f = cfg.regularisation.freeze
-    plan_freeze(model, backbone, first_n=f.first_n, patterns=list(f.patterns), whole_backbone=f.backbone,
-                method=f.method)
+    plan = plan_freeze(model, backbone, first_n=f.first_n, patterns=list(f.patterns), whole_backbone=f.backbone,
+                       method=f.method)
+    if cfg.backbone.weights is not None:
+        reinit_choice(backbone, cfg.backbone.reinit_last_n, plan.frozen)
     if cfg.regularisation.max_norm.enabled:
         max_norm_weights(model, list(cfg.regularisation.max_norm.layers))

@@ -34,7 +34,7 @@ from transferlab.errors import ConfigError, WeightsError
 
 if TYPE_CHECKING:
     from transferlab.config.schema import BackboneConfig
-    from transferlab.models.backbones import Backbone
+    from transferlab.models.backbones import Backbone, Layer
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 MLFLOW_SCHEMES = ("runs:/", "models:/")
@@ -360,26 +360,37 @@ def load_backbone_state(backbone: Backbone, state: dict[str, torch.Tensor], *, s
     return report
 
 
-def reinit_last_layers(backbone: Backbone, n: int, fresh: Backbone) -> list[str]:
-    """Give the backbone's last ``n`` layers (:func:`~transferlab.models.backbones.backbone_layers`) the
-    weights of ``fresh``, the same backbone freshly initialised (its own init, as ``weights=null`` gets):
-    parameters and buffers (BatchNorm statistics) alike. The earlier layers keep what was loaded.
-    Returns the layers' names."""
+def reinit_choice(backbone: Backbone, n: int, frozen: frozenset[str] | set[str] = frozenset(),
+                  *, prefix: str = "backbone.") -> list[Layer]:
+    """The last ``n`` layers (:func:`~transferlab.models.backbones.backbone_layers`) that
+    ``backbone.reinit_last_n`` re-initialises. Refused: more layers than the backbone has, and a layer
+    that freezing keeps fixed (``frozen``: the model's parameter names, ``prefix`` before the backbone's),
+    which would stay random. Build and preflight both ask here."""
     from transferlab.models.backbones import backbone_layers
 
     layers = backbone_layers(backbone)
     if n > len(layers):
-        raise WeightsError(f"backbone.reinit_last_n={n}, but the backbone has only {len(layers)} layers: "
-                           f"{[layer.name for layer in layers]}")
+        raise ConfigError(f"backbone.reinit_last_n={n}, but the backbone has only {len(layers)} layers: "
+                          f"{[layer.name for layer in layers]}")
     chosen = layers[len(layers) - n:] if n else []
+    fixed = [layer.name for layer in chosen if any(prefix + p in frozen for p in layer.params)]
+    if fixed:
+        raise ConfigError(f"backbone.reinit_last_n={n} re-initialises {fixed}, which regularisation.freeze "
+                          "also freezes: they would stay random; freeze fewer layers")
+    return chosen
+
+
+def reinit_last_layers(backbone: Backbone, layers: list[Layer], fresh: Backbone) -> None:
+    """Give ``layers`` of the backbone (:func:`reinit_choice`) the weights of ``fresh``, the same backbone
+    freshly initialised (its own init, as ``weights=null`` gets): parameters and buffers (BatchNorm
+    statistics) alike. The other layers keep what was loaded."""
     own, new = backbone.module.state_dict(), fresh.module.state_dict()
-    keys = set()
-    for layer in chosen:
+    keys: set[str] = set()
+    for layer in layers:
         path = layer.name.split("+")[0]
         keys.update(layer.params)
         keys.update(k for k in own if k.startswith(path + "."))
     backbone.module.load_state_dict({k: new[k] for k in keys}, strict=False)
-    return [layer.name for layer in chosen]
 
 
 def save_weights(path: str | Path, backbone: Backbone, meta: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from transferlab.config.schema import (
 )
 from transferlab.data import PreparedData
 from transferlab.models.assemble import FineTuneModel, ModelSpec, build_backbone, build_model
-from transferlab.models.backbones import Backbone, backbone_layers
+from transferlab.models.backbones import Backbone, Layer, backbone_layers
 from transferlab.models.heads import class_weights
 from transferlab.training.augment import create_augment
 from transferlab.training.freezing import FreezePlan, apply_freeze, frozen_norm_layers, plan_freeze
@@ -96,7 +96,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
     Under torchrun each process builds the same (:mod:`transferlab.training.distributed`); rank 0 alone
     writes ``checkpoint``.
     """
-    from transferlab.models.weights import load_backbone_state, reinit_last_layers
+    from transferlab.models.weights import load_backbone_state, reinit_choice, reinit_last_layers
 
     ctx = context(torch.device(device))
     device = device_for(torch.device(device), ctx)
@@ -116,22 +116,18 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
             raise ConfigError("trainer.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; this torchrun "
                               f"job trains on {device.type}")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the top module
-    reinit: list[str] = []
-    if backbone_state is not None:
-        load_backbone_state(backbone, backbone_state, source=weights_source)
-        if cfg.backbone.reinit_last_n:
-            with torch.random.fork_rng(devices=[]):  # the same draws for every process, the run's own untouched
-                torch.manual_seed(cfg.seed)
-                fresh = build_backbone(spec.backbone)
-            reinit = reinit_last_layers(backbone, cfg.backbone.reinit_last_n, fresh)
     f = cfg.regularisation.freeze
     plan = plan_freeze(model, backbone, first_n=f.first_n, patterns=list(f.patterns), whole_backbone=f.backbone,
                        method=f.method, pretrained=cfg.backbone.weights is not None)
-    fixed_random = [layer.name for layer in backbone_layers(backbone)
-                    if layer.name in reinit and any(f"backbone.{p}" in plan.frozen for p in layer.params)]
-    if fixed_random:
-        raise ConfigError(f"backbone.reinit_last_n={cfg.backbone.reinit_last_n} re-initialises {fixed_random}, which "
-                          "regularisation.freeze also freezes: they would stay random; freeze fewer layers")
+    reinit: list[Layer] = []
+    if backbone_state is not None:
+        load_backbone_state(backbone, backbone_state, source=weights_source)
+        reinit = reinit_choice(backbone, cfg.backbone.reinit_last_n, plan.frozen)
+        if reinit:
+            with torch.random.fork_rng(devices=[]):  # the same draws for every process, the run's own untouched
+                torch.manual_seed(cfg.seed)
+                fresh = build_backbone(spec.backbone)
+            reinit_last_layers(backbone, reinit, fresh)
     apply_freeze(model, plan)
     o, t = cfg.optimizer, cfg.trainer
     groups = param_groups(model, lr=scaled_lr(o, t.batch_size * t.accumulate_grad_batches),
@@ -162,7 +158,7 @@ def build_training(cfg: ExperimentConfig, data: PreparedData, *, device: torch.d
                                      min_delta=es.min_delta) if es.enabled else None,
         ema_decay=t.ema.decay if t.ema.enabled else None, ema_start_epoch=t.ema.start_epoch)
     return Training(cfg, spec, model, backbone, plan, groups, optimizer, schedule, settings, device, placement,
-                    ctx, optimiser_steps, tuple(reinit))
+                    ctx, optimiser_steps, tuple(layer.name for layer in reinit))
 
 
 def batch_size_for(t: TrainerConfig, n_train: int) -> int:
