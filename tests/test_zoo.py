@@ -235,7 +235,8 @@ def test_preflight_counts_the_layers_of_a_skeleton(name: str, layers: int) -> No
 
     def cfg(first_n: int) -> ExperimentConfig:
         return load_config(compose(["backbone=timm", f"backbone.name={name}", "backbone.input_size=32",
-                                    f"regularisation.freeze.first_n={first_n}"], config_dir=REPO / "conf"))
+                                    "backbone.reinit_last_n=0", f"regularisation.freeze.first_n={first_n}"],
+                                   config_dir=REPO / "conf"))
 
     preflight(cfg(layers), tracking=False)
     with pytest.raises(FreezeError, match=rf"first_n={layers + 1}, but the backbone has only {layers} layers"):

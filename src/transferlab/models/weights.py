@@ -376,7 +376,8 @@ def reinit_choice(backbone: Backbone, n: int, frozen: frozenset[str] | set[str] 
     fixed = [layer.name for layer in chosen if any(prefix + p in frozen for p in layer.params)]
     if fixed:
         raise ConfigError(f"backbone.reinit_last_n={n} re-initialises {fixed}, which regularisation.freeze "
-                          "also freezes: they would stay random; freeze fewer layers")
+                          "also freezes: they would stay random; re-initialise fewer layers "
+                          "(backbone.reinit_last_n=0: none) or freeze fewer")
     return chosen
 
 
