@@ -111,39 +111,44 @@ def _config(*overrides: str):  # noqa: ANN202
     return load_config(compose(list(overrides), config_dir=ROOT / "conf"))
 
 
+def _preflight(cfg) -> None:  # noqa: ANN001
+    """The data and model checks; the tracking checks would create the default store in the working directory."""
+    preflight(cfg, tracking=False)
+
+
 def test_every_preset_passes() -> None:
     for preset in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")):
         if preset.startswith("imagefolder"):
             continue  # needs a folder of the user's
-        preflight(_config(f"experiment={preset}"))
+        _preflight(_config(f"experiment={preset}"))
 
 
 def test_the_same_code_that_builds_the_model_refuses(tmp_path: Path) -> None:
     with pytest.raises(HeadError, match="num_units=4 is fewer than the 5 classes"):
-        preflight(_config("head=overcomplete", "head.num_units=4"))
-    preflight(_config("head=overcomplete", "head.num_units=5"))  # one unit per class is enough
+        _preflight(_config("head=overcomplete", "head.num_units=4"))
+    _preflight(_config("head=overcomplete", "head.num_units=5"))  # one unit per class is enough
     # An image folder's class count is known only from its listing: 3 folders cannot feed a binary head.
     folder = _image_folder(tmp_path / "images", ["cat", "dog", "fox"])
     base = ["~experiment", "data=imagefolder", f"data.path={folder}", "data.image_size=16", "head=binary"]
     with pytest.raises(HeadError, match="binary head needs a 2-class task, but the data has 3 classes"):
-        preflight(_config(*base))
-    preflight(_config(*base, "data.positive_class=fox"))
+        _preflight(_config(*base))
+    _preflight(_config(*base, "data.positive_class=fox"))
 
 
 def test_layer_counts_come_from_the_architecture() -> None:
-    preflight(_config("backbone=resnet18", "backbone.weights=null", "regularisation.freeze.first_n=6"))
+    _preflight(_config("backbone=resnet18", "backbone.weights=null", "regularisation.freeze.first_n=6"))
     with pytest.raises(FreezeError, match="only 6 layers"):
-        preflight(_config("backbone=resnet18", "backbone.weights=null", "regularisation.freeze.first_n=7"))
+        _preflight(_config("backbone=resnet18", "backbone.weights=null", "regularisation.freeze.first_n=7"))
     # vgg16: 13 convolutions and 2 Linear layers left in the classifier.
-    preflight(_config("backbone=vgg16", "backbone.weights=null", "regularisation.freeze.first_n=15"))
+    _preflight(_config("backbone=vgg16", "backbone.weights=null", "regularisation.freeze.first_n=15"))
     with pytest.raises(FreezeError, match="only 15 layers"):
-        preflight(_config("backbone=vgg16", "backbone.weights=null", "regularisation.freeze.first_n=16"))
+        _preflight(_config("backbone=vgg16", "backbone.weights=null", "regularisation.freeze.first_n=16"))
 
 
 def test_inception_auxiliary_branch_follows_the_weights_input_size() -> None:
     # ImageNet weights are 299 px: the auxiliary branch exists and a pattern on it matches.
-    preflight(_config("backbone=inception_v3", "backbone.weights=DEFAULT",
+    _preflight(_config("backbone=inception_v3", "backbone.weights=DEFAULT",
                       "regularisation.freeze.patterns=[backbone.AuxLogits.*]"))
     with pytest.raises(FreezeError, match="'backbone.AuxLogits.\\*' matches no parameter"):
-        preflight(_config("backbone=inception_v3", "backbone.weights=null",
+        _preflight(_config("backbone=inception_v3", "backbone.weights=null",
                           "regularisation.freeze.patterns=[backbone.AuxLogits.*]"))
